@@ -1,0 +1,133 @@
+"""Fill a token cache from a tile data set with a frozen encoder (``jwth extract``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from jwth.cache.tokens import TokenCache, manifest_for
+from jwth.data.tiles import TileDataset, TileTable, check_tiles
+from jwth.device import autocast, resolve_precision
+from jwth.encoders import Encoder
+from jwth.progress import progress_bar
+
+
+def extract_tokens(
+    encoder: Encoder,
+    table: TileTable,
+    cache_dir: str | Path,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    precision: str = "auto",
+    store_patches: bool = True,
+    skip_bad_tiles: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    quiet: bool = False,
+) -> TokenCache:
+    """Extract class, register and patch tokens of every tile into ``cache_dir``.
+
+    Tiles already marked done in a matching cache are skipped (resume). Tiles are
+    decoded once up front (:func:`jwth.data.tiles.check_tiles`) unless the cache
+    already holds the same tile list.
+
+    Args:
+        encoder: a frozen :class:`jwth.encoders.Encoder`.
+        table: the tile table.
+        cache_dir: cache folder (created if missing).
+        batch_size: tiles per forward pass.
+        num_workers: DataLoader worker processes decoding tiles.
+        precision: autocast precision (``auto`` = bf16 where faster, see jwth.device).
+        store_patches: also store patch tokens (needed by attention pooling).
+        skip_bad_tiles: leave undecodable tiles out (recorded in the manifest).
+        on_batch: called with the number of tiles done after each written batch.
+        quiet: no progress bar.
+
+    Returns:
+        The :class:`TokenCache`, opened for reading.
+
+    Raises:
+        jwth.data.tiles.TileError: an undecodable tile (without ``skip_bad_tiles``).
+        jwth.cache.CacheMismatchError: ``cache_dir`` holds another encoder's tokens.
+    """
+    cache_dir = Path(cache_dir)
+    device = next(encoder.parameters()).device
+    table, report = _checked_table(encoder, table, cache_dir, skip_bad_tiles, quiet)
+    identity = manifest_for(encoder, table.df["path"].tolist(), store_patches)
+    h, w = encoder.grid_for(encoder.input_size, encoder.input_size)
+    dtype = resolve_precision(device, precision)  # type: ignore[arg-type]
+    cache = TokenCache.create_or_resume(
+        cache_dir,
+        identity,
+        table.df[["path", "label", "patient_id", "site"]],
+        embed_dim=encoder.embed_dim,
+        num_registers=encoder.num_registers,
+        num_patches=h * w,
+        grid=(h, w),
+        extra={
+            "dataset": str(table.root.name),
+            "classes": table.classes,
+            "encoder": encoder.describe(),
+            "autocast": str(dtype).replace("torch.", ""),
+            "tile_checks": report,
+        },
+    )
+    todo = np.flatnonzero(~cache.done_mask)
+    if len(todo):
+        ds = TileDataset(table.root, table.df["path"].tolist(), encoder.transform)
+        sub = torch.utils.data.Subset(ds, todo.tolist())
+        loader = torch.utils.data.DataLoader(
+            sub, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            persistent_workers=False, pin_memory=device.type == "cuda",
+        )
+        t0 = time.time()
+        done = 0
+        try:
+            with progress_bar(f"extract {table.root.name}", total=len(todo), unit="tiles", disable=quiet) as bar:
+                for x, idx in loader:
+                    x = x.to(device, non_blocking=True)
+                    with torch.inference_mode(), autocast(device, precision):  # type: ignore[arg-type]
+                        tok = encoder(x)
+                    cache.write(
+                        idx.numpy(),
+                        tok.cls.float().cpu().numpy(),
+                        tok.registers.float().cpu().numpy() if encoder.num_registers else None,
+                        tok.patches.float().cpu().numpy() if store_patches else None,
+                    )
+                    done += len(idx)
+                    bar.advance(len(idx))
+                    if on_batch is not None:
+                        on_batch(done)
+        finally:
+            cache.close()
+        if not quiet:
+            dt = time.time() - t0
+            print(f"extracted {done} tiles in {dt:.1f} s ({done / max(dt, 1e-9):.1f} tiles/s, {str(dtype)})")
+    else:
+        cache.close()
+    return TokenCache.open(cache_dir)
+
+
+def _checked_table(encoder, table: TileTable, cache_dir: Path, skip_bad: bool, quiet: bool):
+    """Decode-check the tiles unless the cache already covers exactly this tile list."""
+    import json
+
+    from jwth.cache.tokens import MANIFEST, tiles_hash
+
+    mpath = cache_dir / MANIFEST
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        report = old.get("tile_checks", {})
+        skipped = {s["path"] for s in report.get("skipped", [])}
+        if skipped:
+            keep = ~table.df["path"].isin(skipped).to_numpy()
+            cand = table.subset(keep)
+        else:
+            cand = table
+        if old.get("tiles_hash") == tiles_hash(cand.df["path"].tolist()):
+            return cand, report
+    with progress_bar("check tiles", total=len(table), unit="tiles", disable=quiet) as bar:
+        return check_tiles(table, encoder.input_size, skip_bad=skip_bad, progress=bar.advance)

@@ -1,0 +1,9 @@
+"""Command-line interface. Each topic module adds its subcommands to `app`."""
+
+from jwth.cli.app import app
+from jwth.cli import probe  # noqa: F401  (extract, probe, demo, encoders)
+
+
+def main() -> None:
+    """Entry point of the `jwth` console script."""
+    app()

@@ -1,0 +1,180 @@
+"""`jwth extract`, `jwth probe`, `jwth demo`, `jwth encoders`, `jwth env`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jwth.cli.app import app
+
+DEMO_DATASET = "tcga_crc_msi"
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _csv(s: Optional[str]) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+@app.command()
+def extract(
+    data: Path = typer.Option(..., "--data", help="Tile data set folder (with labels.csv)."),
+    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    cache: Path = typer.Option(..., "--cache", help="Token cache folder (created or resumed)."),
+    labels: str = typer.Option("labels.csv", help="Label file inside --data."),
+    path_col: str = typer.Option("path", help="Column with tile paths."),
+    label_col: str = typer.Option("label", help="Column with labels."),
+    patient_col: str = typer.Option("patient_id", help="Patient column ('none' to derive)."),
+    batch_size: int = typer.Option(32, help="Tiles per forward pass."),
+    num_workers: int = typer.Option(1, help="Tile-decoding worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 where faster), fp32, bf16, fp16 (CUDA)."),
+    no_patches: bool = typer.Option(False, "--no-patches", help="Store class/register tokens only."),
+    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded in the manifest)."),
+) -> None:
+    """Extract class, register and patch tokens of every tile into a resumable fp16 HDF5 cache."""
+    from jwth.cache.extract import extract_tokens
+    from jwth.data.tiles import read_labels
+    from jwth.device import resolve_device
+    from jwth.encoders import DEFAULT_ENCODER, load_encoder
+
+    try:
+        table = read_labels(data, labels, path_col, label_col, None if patient_col.lower() == "none" else patient_col)
+        enc = load_encoder(encoder or DEFAULT_ENCODER, device=resolve_device(device))
+        c = extract_tokens(
+            enc, table, cache, batch_size=batch_size, num_workers=num_workers, precision=precision,
+            store_patches=not no_patches, skip_bad_tiles=skip_bad_tiles,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(f"cache {cache}: {c.n_tiles} tiles, D={c.embed_dim}, grid={c.grid}, {c.nbytes_per_tile} bytes/tile")
+    c.close()
+
+
+def _probe(
+    data: Path, encoder: str, out: Path, heads: str, split: str, folds: int, test_sites: Optional[str],
+    cache: Optional[Path], labels: str, path_col: str, label_col: str, patient_col: str, site_col: Optional[str],
+    positive: Optional[str], epochs: int, n_boot: int, seed: int, batch_size: int, num_workers: int,
+    device: str, precision: str, skip_bad_tiles: bool,
+) -> dict:
+    from jwth.eval.probe import ProbeConfig
+    from jwth.eval.report import results_table
+    from jwth.eval.run import RunConfig, probe_run
+    from jwth.eval.train import HeadTrainConfig
+    from jwth.heads import parse_heads
+
+    cfg = RunConfig(
+        data=str(data), encoder=encoder, out=str(out), cache=str(cache) if cache else None, labels=labels,
+        path_col=path_col, label_col=label_col, patient_col=patient_col, site_col=site_col,
+        device=device, precision=precision, batch_size=batch_size, num_workers=num_workers,
+        skip_bad_tiles=skip_bad_tiles,
+        probe=ProbeConfig(
+            heads=parse_heads(heads), split=split, folds=folds, test_sites=_csv(test_sites),
+            n_boot=n_boot, positive_class=positive, train=HeadTrainConfig(epochs=epochs, seed=seed),
+        ),
+    )
+    res = probe_run(cfg)
+    typer.echo("")
+    typer.echo(results_table(res))
+    typer.echo(f"\nrun folder: {out} (results.json, results.md, config.yaml, predictions.csv, figures)")
+    return res
+
+
+_HEADS_HELP = "Comma-separated heads: linear, attention, mean, learned-query."
+
+
+@app.command()
+def probe(
+    data: Path = typer.Option(..., "--data", help="Tile data set folder (with labels.csv)."),
+    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    out: Path = typer.Option(..., "--out", help="Run folder for results, config and figures."),
+    heads: str = typer.Option("linear,attention", help=_HEADS_HELP),
+    split: str = typer.Option("patient", help="patient (stratified k-fold over patients) or site."),
+    folds: int = typer.Option(5, help="k for patient k-fold."),
+    test_sites: Optional[str] = typer.Option(None, help="With --split site: comma-separated test sites."),
+    cache: Optional[Path] = typer.Option(None, help="Token cache folder (default <out>/cache)."),
+    labels: str = typer.Option("labels.csv", help="Label file inside --data."),
+    path_col: str = typer.Option("path"),
+    label_col: str = typer.Option("label"),
+    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
+    site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
+    positive: Optional[str] = typer.Option(None, help="Positive class for ROC (default: the rarer class)."),
+    epochs: int = typer.Option(12, help="Head training epochs."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(32, help="Extraction batch size."),
+    num_workers: int = typer.Option(1),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("auto"),
+    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
+) -> None:
+    """Linear probe vs JWTH attention pooling on a frozen encoder, with patient-level CV and CIs."""
+    from jwth.encoders import DEFAULT_ENCODER
+
+    try:
+        _probe(data, encoder or DEFAULT_ENCODER, out, heads, split, folds, test_sites, cache, labels, path_col,
+               label_col, patient_col, site_col, positive, epochs, n_boot, seed, batch_size, num_workers,
+               device, precision, skip_bad_tiles)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    heads: str = typer.Option("linear,attention,mean,learned-query", help=_HEADS_HELP),
+    device: str = typer.Option("auto"),
+) -> None:
+    """The main job: probe MSI vs MSS on the bundled TCGA colorectal tiles and print the table."""
+    from jwth.encoders import DEFAULT_ENCODER
+    from jwth.settings import dataset_dir
+
+    t0 = time.time()
+    try:
+        data = dataset_dir(DEMO_DATASET)
+        spec = encoder or DEFAULT_ENCODER
+        typer.echo(f"jwth demo: {DEMO_DATASET} ({data}) with encoder {spec}")
+        _probe(data, spec, out, heads, "patient", 5, None, None, "labels.csv", "path", "label",
+               "patient_id", None, "MSIMUT", 12, 1000, 0, 32, 1, device, "auto", False)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(f"demo finished in {time.time() - t0:.0f} s")
+
+
+@app.command()
+def encoders() -> None:
+    """List encoder specs: registry models, released checkpoints and the default."""
+    from jwth.encoders import DEFAULT_ENCODER, REGISTRY, released_checkpoints
+
+    typer.echo(f"default: {DEFAULT_ENCODER}")
+    typer.echo(f"released (jwth:<name>): {', '.join(released_checkpoints()) or 'none yet'}")
+    typer.echo("registry (needs the weights in the local Hugging Face cache):")
+    for e in REGISTRY.values():
+        typer.echo(
+            f"  {e.name:12s} {e.hub_id:24s} {e.arch:9s} D={e.embed_dim:<5d} registers={e.num_registers} "
+            f"{e.input_size}px @ {e.mpp} µm/px  mean={e.mean} std={e.std}  embedding={e.embedding}"
+        )
+    typer.echo("also: timm:<model>[?key=value&...], hf-hub:<org>/<repo>, a checkpoint folder")
+
+
+@app.command()
+def env() -> None:
+    """Check the environment: versions, device, bf16 speed choice, data root."""
+    import torch
+
+    from jwth.device import cpu_has_fast_bf16, resolve_device, resolve_precision
+    from jwth.settings import data_root
+
+    dev = resolve_device("auto")
+    typer.echo(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {dev}")
+    typer.echo(f"CPU native bf16: {cpu_has_fast_bf16()}; autocast chosen: {resolve_precision(dev, 'auto')}")
+    root = data_root(required=False)
+    typer.echo(f"data root: {root or 'NOT FOUND (set JWTH_DATA_ROOT)'}")

@@ -1,0 +1,360 @@
+"""Labelled tile data sets.
+
+Any folder with a ``labels.csv`` (columns ``path,label``, optional ``patient_id``
+and ``site``/``tss``; names configurable) is a data set. ``path`` is relative to the
+folder. Patient IDs are what every split groups by; when the column is absent the
+patient is derived from a TCGA barcode in the path (``TCGA-XX-XXXX``) or, failing
+that, each tile is its own patient (with a warning: splits are then tile-level).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated tile is an error, never silent garbage
+
+TCGA_PATIENT = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
+SITE_COLUMNS = ("site", "tss", "center", "centre")
+
+
+class TileError(ValueError):
+    """A tile that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class TileTable:
+    """A validated tile table.
+
+    Attributes:
+        root: data set folder; tile paths are relative to it.
+        label_file: the labels file read.
+        df: one row per tile with columns ``path``, ``label``, ``patient_id``,
+            ``site`` (``site`` may be empty strings when unknown), in file order.
+        classes: sorted class names; class index i is ``classes[i]``.
+        notes: how columns were derived (e.g. patients from TCGA barcodes).
+    """
+
+    root: Path
+    label_file: Path
+    df: pd.DataFrame
+    classes: list[str]
+    notes: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    @property
+    def y(self) -> np.ndarray:
+        """Integer class index per tile, (n,)."""
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return self.df["label"].map(lookup).to_numpy(dtype=np.int64)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def subset(self, mask: np.ndarray) -> "TileTable":
+        return TileTable(self.root, self.label_file, self.df[mask].reset_index(drop=True), self.classes, dict(self.notes))
+
+
+def read_labels(
+    data_dir: str | Path,
+    labels_file: str = "labels.csv",
+    path_col: str = "path",
+    label_col: str = "label",
+    patient_col: str | None = "patient_id",
+    site_col: str | None = None,
+    classes: Sequence[str] | None = None,
+    check_files: bool = True,
+) -> TileTable:
+    """Read and validate a tile data set's label file.
+
+    Args:
+        data_dir: the data set folder.
+        labels_file: label file name inside ``data_dir`` (or an absolute path).
+        path_col, label_col: column names of the tile path and the label.
+        patient_col: patient column; ``None`` or absent -> derived (see module doc).
+        site_col: site column; default: the first of site/tss/center/centre present,
+            else the TCGA tissue-source site from the patient barcode, else unknown.
+        classes: the allowed classes; a label outside them is an error.
+        check_files: raise when a listed tile file does not exist.
+
+    Returns:
+        A :class:`TileTable`.
+
+    Raises:
+        FileNotFoundError: missing folder, label file or tile files.
+        ValueError: missing columns, empty file, a single class, unknown classes,
+            empty labels, duplicate paths, or a patient with two labels.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder {root} does not exist.")
+    lf = Path(labels_file)
+    lf = lf if lf.is_absolute() else root / lf
+    if not lf.is_file():
+        raise FileNotFoundError(
+            f"{lf} not found. A tile data set is a folder with a labels.csv having columns "
+            f"'{path_col},{label_col}' (optional patient_id, site); pass --labels to name another file."
+        )
+    try:
+        raw = pd.read_csv(lf, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{lf} is empty: add a header '{path_col},{label_col}' and one row per tile.")
+    for col in (path_col, label_col):
+        if col not in raw.columns:
+            raise ValueError(
+                f"{lf} has no column {col!r} (columns: {list(raw.columns)}). "
+                f"Rename it or pass --path-col/--label-col."
+            )
+    if len(raw) == 0:
+        raise ValueError(f"{lf} has a header but no rows: list one tile per row.")
+    notes: dict = {}
+    df = pd.DataFrame({"path": raw[path_col].str.strip(), "label": raw[label_col].str.strip()})
+    empty = df.index[df["label"] == ""].tolist()
+    if empty:
+        raise ValueError(f"{lf}: {len(empty)} rows have an empty label (first rows: {[i + 2 for i in empty[:5]]}).")
+    dup = df["path"][df["path"].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{lf}: {len(dup)} tile paths are listed twice (e.g. {dup[:3]}); each tile once.")
+
+    found = sorted(df["label"].unique())
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{lf}: labels {unknown} are not among the expected classes {list(classes)}. "
+                "Fix the label file or the --classes option."
+            )
+        cls_list = list(classes)
+    else:
+        cls_list = found
+    if len(set(found)) < 2:
+        raise ValueError(
+            f"{lf}: only one class ({found}) -- a classifier needs at least two. "
+            "Check the label column (--label-col)."
+        )
+
+    # patients
+    if patient_col and patient_col in raw.columns and (raw[patient_col].str.strip() != "").all():
+        df["patient_id"] = raw[patient_col].str.strip()
+        notes["patient_source"] = f"column {patient_col}"
+    else:
+        m = df["path"].str.extract(TCGA_PATIENT, expand=False)
+        if m.notna().all():
+            df["patient_id"] = m.str.upper()
+            notes["patient_source"] = "TCGA barcode in path"
+        else:
+            df["patient_id"] = df["path"]
+            notes["patient_source"] = "none (each tile its own patient)"
+            warnings.warn(
+                f"{lf}: no patient column ({patient_col!r}) and no TCGA barcode in the paths; "
+                "each tile is treated as its own patient, so splits are tile-level and "
+                "tiles of one patient may leak across splits. Add a patient_id column.",
+                stacklevel=2,
+            )
+    per_patient = df.groupby("patient_id")["label"].nunique()
+    mixed = per_patient.index[per_patient > 1].tolist()
+    if mixed:
+        example = df[df["patient_id"] == mixed[0]]["label"].unique().tolist()
+        raise ValueError(
+            f"{lf}: {len(mixed)} patients have tiles with different labels (e.g. {mixed[0]}: "
+            f"{example}). Patient-level splits and metrics need one label per patient: fix the "
+            "labels, or if labels are tile properties (e.g. tissue type) drop the patient column "
+            "and pass --patient-col none."
+        )
+
+    # sites
+    scol = site_col or next((c for c in SITE_COLUMNS if c in raw.columns), None)
+    if scol and scol in raw.columns:
+        df["site"] = raw[scol].str.strip()
+        notes["site_source"] = f"column {scol}"
+    elif df["patient_id"].str.match(TCGA_PATIENT).all():
+        df["site"] = df["patient_id"].str.slice(5, 7)
+        notes["site_source"] = "TCGA tissue-source site from barcode"
+    else:
+        df["site"] = ""
+        notes["site_source"] = "unknown"
+
+    if check_files:
+        missing = [p for p in df["path"] if not (root / p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{lf}: {len(missing)} listed tiles do not exist under {root} (e.g. {missing[:3]}). "
+                "Paths are relative to the data folder; fix the paths or remove those rows."
+            )
+    return TileTable(root=root, label_file=lf, df=df.reset_index(drop=True), classes=cls_list, notes=notes)
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        hi = 1.0 if arr.max() <= 1.0 else 255.0
+        return np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
+    info = np.iinfo(arr.dtype)
+    return (arr.astype(np.float64) / info.max * 255.0).clip(0, 255).round().astype(np.uint8)
+
+
+def load_tile(path: str | Path) -> tuple[Image.Image, str]:
+    """Open one tile as 8-bit RGB.
+
+    Conversions (each reported by name so callers can count them): ``gray`` (L/I
+    modes replicated to RGB), ``16bit`` (scaled by 1/257), ``alpha`` (RGBA/LA/P with
+    transparency composited on white), ``palette``, ``cmyk``; ``ok`` otherwise.
+
+    Raises:
+        TileError: missing, unreadable, truncated or corrupt file (names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TileError(f"Tile {p} does not exist.")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            img = im.copy()
+    except Exception as e:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            try:
+                import tifffile
+
+                arr = tifffile.imread(p)
+                kind = "16bit" if arr.dtype != np.uint8 else "ok"
+                arr = _to_uint8(arr)
+                if arr.ndim == 2:
+                    arr, kind = np.stack([arr] * 3, -1), "gray"
+                if arr.ndim == 3 and arr.shape[-1] == 4:
+                    a = arr[..., 3:4].astype(np.float32) / 255.0
+                    arr = (arr[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
+                    kind = "alpha"
+                if arr.ndim != 3 or arr.shape[-1] != 3:
+                    raise TileError(f"Tile {p} has an unsupported array shape {arr.shape}.")
+                return Image.fromarray(arr), kind
+            except TileError:
+                raise
+            except Exception:
+                pass
+        raise TileError(
+            f"Tile {p} cannot be decoded ({type(e).__name__}: {e}). It is corrupt or truncated: "
+            "re-export it, or remove it from the label file (or pass --skip-bad-tiles to leave it "
+            "out and record it)."
+        ) from e
+    mode = img.mode
+    if mode == "RGB":
+        return img, "ok"
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = _to_uint8(np.asarray(img))
+        return Image.fromarray(np.stack([arr] * 3, -1)), "16bit"
+    if mode == "L" or mode == "1":
+        return img.convert("RGB"), "gray"
+    if mode == "P":
+        if "transparency" in img.info:
+            img = img.convert("RGBA")
+            mode = "RGBA"
+        else:
+            return img.convert("RGB"), "palette"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB"), "alpha"
+    if mode == "CMYK":
+        return img.convert("RGB"), "cmyk"
+    return img.convert("RGB"), mode.lower()
+
+
+def check_tiles(
+    table: TileTable,
+    input_size: int,
+    skip_bad: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[TileTable, dict]:
+    """Decode every tile once and report what needs handling.
+
+    Args:
+        table: the tile table.
+        input_size: the encoder's tile side (px); other sizes are counted as resized.
+        skip_bad: drop undecodable tiles (recorded in the report) instead of raising.
+        progress: optional callback called with 1 after each tile.
+
+    Returns:
+        (table, report) -- the table without skipped tiles, and a report with
+        ``conversions`` (counts per kind), ``resized`` (count and example sizes),
+        ``skipped`` (list of {path, error}).
+
+    Raises:
+        TileError: an undecodable tile when ``skip_bad`` is false; the message lists
+            the first bad files and the fix.
+    """
+    conv: Counter = Counter()
+    sizes: Counter = Counter()
+    bad: list[dict] = []
+    keep = np.ones(len(table), dtype=bool)
+    for i, rel in enumerate(table.df["path"]):
+        try:
+            img, kind = load_tile(table.root / rel)
+            conv[kind] += 1
+            sizes[img.size] += 1
+        except TileError as e:
+            bad.append({"path": rel, "error": str(e)})
+            keep[i] = False
+        if progress:
+            progress(1)
+    if bad and not skip_bad:
+        listing = "\n  ".join(b["error"] for b in bad[:5])
+        raise TileError(
+            f"{len(bad)} tiles in {table.label_file} cannot be used:\n  {listing}\n"
+            "Fix or remove them, or pass --skip-bad-tiles to leave them out (they are then "
+            "listed in the run's manifest)."
+        )
+    off = {f"{w}x{h}": n for (w, h), n in sizes.items() if (w, h) != (input_size, input_size)}
+    report = {
+        "conversions": {k: v for k, v in conv.items() if k != "ok"},
+        "resized": {"count": int(sum(off.values())), "sizes": off, "to": input_size},
+        "skipped": bad,
+    }
+    if off:
+        warnings.warn(
+            f"{sum(off.values())} tiles are not {input_size}x{input_size} px ({off}); they are "
+            "resized (bicubic) and centre-cropped, which changes their µm/px.",
+            stacklevel=2,
+        )
+    out = table.subset(keep) if bad else table
+    if len(set(out.df["label"])) < 2:
+        raise ValueError(f"After leaving out bad tiles, {table.label_file} has fewer than two classes.")
+    return out, report
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles as normalised tensors, for extraction.
+
+    Args:
+        root: data set folder.
+        paths: tile paths relative to ``root``.
+        transform: PIL RGB -> tensor (3, H, W).
+
+    ``__getitem__`` returns ``(image (3, H, W), index)``.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str], transform: Callable) -> None:
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img, _ = load_tile(self.root / self.paths[i])
+        return self.transform(img), i

@@ -1,0 +1,1 @@
+"""Evaluation protocol: patient-level splits, head training on caches, metrics, reports."""

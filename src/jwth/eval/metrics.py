@@ -1,0 +1,154 @@
+"""Metrics with patient-level bootstrap confidence intervals.
+
+Balanced accuracy (primary), macro-F1 and AUROC (one-vs-rest macro for > 2
+classes) come from scikit-learn. Confidence intervals are percentile bootstrap
+intervals (Efron & Tibshirani 1993, ch. 13) that resample *patients* with
+replacement, since tiles of one patient are not independent. The paired bootstrap
+of a difference resamples the same patients for both heads.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+METRICS = ("bacc", "f1_macro", "auroc")
+
+
+def _auroc(y: np.ndarray, prob: np.ndarray) -> float:
+    C = prob.shape[1]
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if C == 2:
+        return float(roc_auc_score(y, prob[:, 1]))
+    present = np.unique(y)
+    if len(present) < C:
+        return float("nan")
+    return float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=np.arange(C)))
+
+
+def metric(name: str, y: np.ndarray, prob: np.ndarray) -> float:
+    """One metric of integer labels ``y`` (n,) against class probabilities ``prob`` (n, C)."""
+    pred = prob.argmax(1)
+    if name == "bacc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(balanced_accuracy_score(y, pred))
+    if name == "f1_macro":
+        return float(f1_score(y, pred, average="macro", labels=np.arange(prob.shape[1]), zero_division=0))
+    if name == "auroc":
+        return _auroc(y, prob)
+    raise ValueError(f"Unknown metric {name!r}; choose from {METRICS}.")
+
+
+def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy, macro-F1 and AUROC (NaN when only one class is present).
+
+    Args:
+        y_true: integer labels (n,).
+        prob: class probabilities (n, C).
+    """
+    y_true, prob = np.asarray(y_true), np.asarray(prob)
+    return {m: metric(m, y_true, prob) for m in METRICS}
+
+
+def aggregate_by_patient(
+    prob: np.ndarray, y: np.ndarray, patients: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean tile probability per patient.
+
+    Returns:
+        (prob_patient (P, C), y_patient (P,), patient_ids (P,)) in sorted patient order.
+
+    Raises:
+        ValueError: a patient whose tiles carry different labels.
+    """
+    patients = np.asarray(patients)
+    ids, inv = np.unique(patients, return_inverse=True)
+    P, C = len(ids), prob.shape[1]
+    sums = np.zeros((P, C))
+    np.add.at(sums, inv, prob)
+    counts = np.bincount(inv, minlength=P)[:, None]
+    yp = np.full(P, -1)
+    yp[inv] = y
+    if not np.array_equal(yp[inv], y):
+        raise ValueError("A patient has tiles with different labels; patient-level metrics need one label per patient.")
+    return sums / counts, yp, ids
+
+
+def _resample_groups(groups: np.ndarray, n_boot: int, seed: int):
+    """Yield tile index arrays of patient-level bootstrap samples."""
+    rng = np.random.default_rng(seed)
+    ids, inv = np.unique(groups, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(ids), len(ids))
+        yield np.concatenate([order[starts[p] : starts[p] + counts[p]] for p in pick])
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    groups: np.ndarray | None = None,
+    metric_name: str = "bacc",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of a metric, resampling ``groups`` (patients).
+
+    With ``groups=None`` every row is its own group (use it for patient-level arrays).
+    Resamples where the metric is undefined (one class) are dropped.
+
+    Returns:
+        (low, high); (nan, nan) when fewer than 10 resamples were defined.
+    """
+    y_true, prob = np.asarray(y_true), np.asarray(prob)
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    vals = []
+    for idx in _resample_groups(groups, n_boot, seed):
+        v = metric(metric_name, y_true[idx], prob[idx])
+        if np.isfinite(v) and len(np.unique(y_true[idx])) > 1:
+            vals.append(v)
+    if len(vals) < 10:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    prob_a: np.ndarray,
+    prob_b: np.ndarray,
+    groups: np.ndarray | None = None,
+    metric_name: str = "bacc",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Paired bootstrap of metric(a) - metric(b) on the same resampled patients.
+
+    Returns:
+        ``{"diff": point difference, "ci": [low, high], "p_le_0": share of resamples
+        with a difference <= 0, "n_boot": defined resamples}``.
+    """
+    y_true = np.asarray(y_true)
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    diff = metric(metric_name, y_true, prob_a) - metric(metric_name, y_true, prob_b)
+    ds = []
+    for idx in _resample_groups(groups, n_boot, seed):
+        if len(np.unique(y_true[idx])) < 2:
+            continue
+        ds.append(metric(metric_name, y_true[idx], prob_a[idx]) - metric(metric_name, y_true[idx], prob_b[idx]))
+    ds_arr = np.asarray(ds)
+    a = (1 - level) / 2
+    return {
+        "diff": float(diff),
+        "ci": [float(np.quantile(ds_arr, a)), float(np.quantile(ds_arr, 1 - a))] if len(ds_arr) >= 10 else [float("nan")] * 2,
+        "p_le_0": float((ds_arr <= 0).mean()) if len(ds_arr) else float("nan"),
+        "n_boot": int(len(ds_arr)),
+    }

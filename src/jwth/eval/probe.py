@@ -1,0 +1,187 @@
+"""The frozen-encoder probe protocol on a token cache.
+
+For each outer split (patient-level stratified k-fold, or train-sites/test-sites):
+choose lr / weight decay of each head on an inner patient split of the training
+tiles, refit on all training tiles, predict the test tiles. Out-of-fold predictions
+of all folds are pooled and scored at tile level and at patient level (mean tile
+probability per patient), with 95 % bootstrap CIs over patients and a paired
+bootstrap of each head minus the linear probe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from jwth.cache import TokenCache
+from jwth.eval.metrics import (
+    METRICS,
+    aggregate_by_patient,
+    bootstrap_ci,
+    classification_metrics,
+    paired_bootstrap,
+)
+from jwth.eval.splits import inner_split, patient_folds, site_split
+from jwth.eval.train import Features, HeadTrainConfig, predict, select_and_fit
+from jwth.heads import build_head, parse_heads, uses_patches
+from jwth.progress import progress_bar
+
+
+@dataclass
+class ProbeConfig:
+    """Everything that defines a probe run (written to config.yaml)."""
+
+    heads: list[str] = field(default_factory=lambda: ["linear", "attention"])
+    split: str = "patient"  # "patient" (k-fold) or "site"
+    folds: int = 5
+    test_sites: list[str] = field(default_factory=list)
+    n_boot: int = 1000
+    positive_class: str | None = None
+    train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProbeOutput:
+    results: dict
+    oof_prob: dict[str, np.ndarray]
+    attention: dict[str, np.ndarray]
+    test_mask: np.ndarray
+
+
+def load_features(cache: TokenCache, need_patches: bool) -> Features:
+    """Read the cache into memory: class tokens float32, patch tokens float16."""
+    idx = np.arange(cache.n_tiles)
+    cls = torch.from_numpy(cache.read_cls(idx))
+    patches = torch.from_numpy(cache.read_patches_f16(idx)) if need_patches else None
+    return Features(cls=cls, patches=patches)
+
+
+def _summaries(y, prob, patients, n_boot, seed):
+    out = {}
+    tile = classification_metrics(y, prob)
+    for m in METRICS:
+        tile[f"{m}_ci"] = list(bootstrap_ci(y, prob, patients, m, n_boot, seed))
+    tile["n"] = int(len(y))
+    pp, yp, _ = aggregate_by_patient(prob, y, patients)
+    pat = classification_metrics(yp, pp)
+    for m in METRICS:
+        pat[f"{m}_ci"] = list(bootstrap_ci(yp, pp, None, m, n_boot, seed))
+    pat["n"] = int(len(yp))
+    out["tile"], out["patient"] = tile, pat
+    return out
+
+
+def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> ProbeOutput:
+    """Run the protocol on a complete token cache.
+
+    Returns:
+        :class:`ProbeOutput` with the results dict (schema in docs/results-schema.md),
+        out-of-fold probabilities per head (T, C) (NaN rows for tiles never tested),
+        head-averaged attention (T, N) for attention heads, and the tested-tile mask.
+
+    Raises:
+        ValueError: unknown heads, a split impossible for these labels, or a cache
+            without patch tokens for heads that need them.
+    """
+    heads = parse_heads(cfg.heads)
+    tiles = cache.tiles
+    classes: list[str] = list(cache.manifest.get("classes") or sorted(tiles["label"].unique()))
+    lookup = {c: i for i, c in enumerate(classes)}
+    y = tiles["label"].map(lookup).to_numpy(np.int64)
+    patients = tiles["patient_id"].to_numpy()
+    sites = tiles["site"].to_numpy()
+    C = len(classes)
+    need_patches = any(uses_patches(h) for h in heads)
+    if need_patches and not cache.has_patches:
+        raise ValueError(f"Heads {heads} need patch tokens but cache {cache.folder} has none; re-extract without --no-patches.")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    t0 = time.time()
+    feats = load_features(cache, need_patches)
+    load_s = time.time() - t0
+
+    if cfg.split == "patient":
+        splits = patient_folds(y, patients, cfg.folds, cfg.train.seed)
+    elif cfg.split == "site":
+        if not cfg.test_sites:
+            raise ValueError("--split site needs --test-sites (comma-separated site codes).")
+        splits = site_split(y, patients, sites, cfg.test_sites)
+    else:
+        raise ValueError(f"Unknown split {cfg.split!r}; choose patient or site.")
+
+    T, N = cache.n_tiles, (feats.patches.shape[1] if feats.patches is not None else 0)
+    oof = {h: np.full((T, C), np.nan) for h in heads}
+    attn = {h: np.full((T, N), np.nan, dtype=np.float32) for h in heads if h in ("attention", "learned-query")}
+    per_fold: dict[str, list] = {h: [] for h in heads}
+    train_seconds = {h: 0.0 for h in heads}
+    test_mask = np.zeros(T, dtype=bool)
+    D = cache.embed_dim
+    with progress_bar("train heads", total=len(splits) * len(heads), unit="heads", disable=quiet) as bar:
+        for k, (tr, te) in enumerate(splits):
+            fit_idx, val_idx = inner_split(y, patients, tr, seed=cfg.train.seed + k)
+            test_mask[te] = True
+            for h in heads:
+                t1 = time.time()
+
+                def make(h=h):
+                    torch.manual_seed(cfg.train.seed)
+                    return build_head(h, D, C, cfg.train.num_heads, cfg.train.dropout)
+
+                model, info = select_and_fit(make, feats, y, fit_idx, val_idx, tr, cfg.train, C)
+                train_seconds[h] += time.time() - t1
+                p, a = predict(model, feats, te, keep_attention=h in attn)
+                oof[h][te] = p
+                if a is not None:
+                    attn[h][te] = a
+                fm = classification_metrics(y[te], p)
+                pp, yp, _ = aggregate_by_patient(p, y[te], patients[te])
+                per_fold[h].append(
+                    {
+                        "fold": k,
+                        "n_test_tiles": int(len(te)),
+                        "n_test_patients": int(len(set(patients[te]))),
+                        "tile_bacc": fm["bacc"],
+                        "tile_auroc": fm["auroc"],
+                        "patient_bacc": classification_metrics(yp, pp)["bacc"],
+                        "lr": info["lr"],
+                        "weight_decay": info["weight_decay"],
+                    }
+                )
+                bar.advance(1)
+
+    tested = np.flatnonzero(test_mask)
+    yt, pt = y[tested], patients[tested]
+    results: dict = {"heads": {}, "comparisons": {}}
+    seed = cfg.train.seed
+    for h in heads:
+        s = _summaries(yt, oof[h][tested], pt, cfg.n_boot, seed)
+        folds_bacc = [f["tile_bacc"] for f in per_fold[h]]
+        s["folds"] = per_fold[h]
+        s["fold_tile_bacc_mean"] = float(np.mean(folds_bacc))
+        s["fold_tile_bacc_sd"] = float(np.std(folds_bacc))
+        s["train_seconds"] = round(train_seconds[h], 2)
+        results["heads"][h] = s
+    if "linear" in heads:
+        pp_lin, yp, _ = aggregate_by_patient(oof["linear"][tested], yt, pt)
+        for h in heads:
+            if h == "linear":
+                continue
+            pp_h, _, _ = aggregate_by_patient(oof[h][tested], yt, pt)
+            results["comparisons"][f"{h}-minus-linear"] = {
+                "metric": "bacc",
+                "tile": paired_bootstrap(yt, oof[h][tested], oof["linear"][tested], pt, "bacc", cfg.n_boot, seed),
+                "patient": paired_bootstrap(yp, pp_h, pp_lin, None, "bacc", cfg.n_boot, seed),
+            }
+    results["classes"] = classes
+    results["n_tiles"] = int(len(tested))
+    results["n_patients"] = int(len(set(pt)))
+    results["n_sites"] = int(len(set(sites[tested])))
+    results["split"] = {"kind": cfg.split, "folds": len(splits), "test_sites": cfg.test_sites}
+    results["timing_seconds"] = {"load_cache": round(load_s, 2), "total": round(time.time() - t0, 2)}
+    return ProbeOutput(results=results, oof_prob=oof, attention=attn, test_mask=test_mask)

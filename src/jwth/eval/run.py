@@ -1,0 +1,152 @@
+"""One probe run end to end: tiles -> token cache -> heads -> metrics -> run folder."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import jwth
+from jwth.cache.extract import extract_tokens
+from jwth.data.tiles import read_labels
+from jwth.device import resolve_device, resolve_precision
+from jwth.encoders import load_encoder
+from jwth.eval import report
+from jwth.eval.probe import ProbeConfig, run_probe
+from jwth.heads import parse_heads
+
+
+@dataclass
+class RunConfig:
+    """The full resolved configuration of ``jwth probe`` (saved as config.yaml)."""
+
+    data: str
+    encoder: str
+    out: str
+    cache: str | None = None
+    labels: str = "labels.csv"
+    path_col: str = "path"
+    label_col: str = "label"
+    patient_col: str | None = "patient_id"
+    site_col: str | None = None
+    classes: list[str] | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    num_workers: int = 1
+    skip_bad_tiles: bool = False
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def _positive_index(classes: list[str], tiles, positive: str | None) -> int:
+    if positive is not None:
+        if positive not in classes:
+            raise ValueError(f"--positive {positive!r} is not a class; classes: {classes}.")
+        return classes.index(positive)
+    per_class = tiles.groupby("label")["patient_id"].nunique()
+    return classes.index(per_class.idxmin()) if len(classes) == 2 else len(classes) - 1
+
+
+def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
+    """Run ``jwth probe``: extract (or resume) the cache, train and score heads, write outputs.
+
+    Writes into ``cfg.out``: ``config.yaml``, ``results.json``, ``results.md``,
+    ``predictions.csv``, ``confusion.png``, ``roc.png``, ``attention.png`` (when an
+    attention head ran). The cache defaults to ``<out>/cache``.
+
+    Returns:
+        The results dict (also in results.json).
+
+    Raises:
+        ValueError / FileNotFoundError / jwth.data.tiles.TileError: bad data or options,
+        before anything is written to the run folder.
+    """
+    parse_heads(cfg.probe.heads)  # fail fast on unknown heads
+    out = Path(cfg.out)
+    table = read_labels(
+        cfg.data, cfg.labels, cfg.path_col, cfg.label_col,
+        None if (cfg.patient_col or "").lower() in ("", "none") else cfg.patient_col,
+        cfg.site_col, cfg.classes,
+    )
+    device = resolve_device(cfg.device)
+    encoder = load_encoder(cfg.encoder, device=device)
+    if encoder.random_init and not quiet:
+        print(
+            f"NOTE: encoder {cfg.encoder} is RANDOMLY INITIALISED (no pretrained weights); "
+            "results measure an untrained network."
+        )
+    cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cache = extract_tokens(
+        encoder, table, cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        precision=cfg.precision, skip_bad_tiles=cfg.skip_bad_tiles, quiet=quiet,
+    )
+    extract_s = time.time() - t0
+    resolved = {
+        "jwth_version": jwth.__version__,
+        "torch_version": str(torch.__version__),
+        "platform": platform.platform(),
+        "device": str(device),
+        "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
+        **_asdict(cfg),
+        "cache": str(cache_dir),
+        "encoder_info": encoder.describe(),
+        "data_notes": table.notes,
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    try:
+        po = run_probe(cache, cfg.probe, quiet=quiet)
+        classes = po.results["classes"]
+        pos = _positive_index(classes, cache.tiles, cfg.probe.positive_class)
+        res = {
+            "dataset": table.root.name,
+            "data": str(cfg.data),
+            "encoder": encoder.describe(),
+            "positive_class": classes[pos],
+            "tile_checks": cache.manifest.get("tile_checks", {}),
+            **po.results,
+        }
+        res["timing_seconds"]["extract"] = round(extract_s, 2)
+        report.write_json(out / "results.json", res)
+        report.write_markdown(out / "results.md", res)
+        tiles = cache.tiles
+        y = tiles["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        m = po.test_mask
+        report.write_predictions(out / "predictions.csv", tiles, classes, po.oof_prob, m)
+        oof_t = {h: p[m] for h, p in po.oof_prob.items()}
+        pats = tiles["patient_id"].to_numpy()[m]
+        report.plot_confusion(out / "confusion.png", y[m], oof_t, pats, classes)
+        report.plot_roc(out / "roc.png", y[m], oof_t, pats, classes, pos)
+        for h in ("attention", "learned-query"):
+            if h in po.attention:
+                report.plot_attention(
+                    out / ("attention.png" if h == "attention" else f"attention_{h}.png"),
+                    table.root, tiles, po.attention[h], po.oof_prob[h], classes, cache.grid,
+                )
+    finally:
+        cache.close()
+    return res
+
+
+def _asdict(cfg: RunConfig) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    return d
+
+
+def summary_line(res: dict) -> str:
+    """One-line headline: patient-level balanced accuracy of each head."""
+    parts = [
+        f"{h}: patient BACC {r['patient']['bacc']:.3f} [{r['patient']['bacc_ci'][0]:.3f}, {r['patient']['bacc_ci'][1]:.3f}]"
+        for h, r in res["heads"].items()
+    ]
+    return "; ".join(parts)
+
+
+__all__ = ["RunConfig", "probe_run", "summary_line"]

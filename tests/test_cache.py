@@ -1,0 +1,115 @@
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY, write_tiles
+from jwth.cache import CacheMismatchError, TokenCache
+from jwth.cache.extract import extract_tokens
+from jwth.data.tiles import TileError, read_labels
+from jwth.encoders import load_encoder
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _counting(enc):
+    calls = {"tiles": 0}
+    orig = enc.forward
+
+    def fwd(x):
+        calls["tiles"] += x.shape[0]
+        return orig(x)
+
+    enc.forward = fwd
+    return calls
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_interrupt_recomputes_nothing(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=5, per_patient=4)  # 20 tiles
+    table = read_labels(data)
+    enc = load_encoder(TINY)
+    calls = _counting(enc)
+
+    def stop(done):
+        if done >= 8:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, on_batch=stop, quiet=True)
+    assert calls["tiles"] == 8
+    with pytest.raises(RuntimeError, match="incomplete"):
+        TokenCache.open(tmp_path / "c")
+    partial = TokenCache.open(tmp_path / "c", require_complete=False)
+    assert partial.n_done == 8
+    partial.close()
+    cache = extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, quiet=True)
+    assert calls["tiles"] == 20  # only the 12 missing tiles were computed
+    ref = extract_tokens(load_encoder(TINY), table, tmp_path / "ref", batch_size=7, num_workers=0, quiet=True)
+    idx = np.arange(20)
+    np.testing.assert_array_equal(cache.read_cls(idx), ref.read_cls(idx))
+    np.testing.assert_array_equal(cache.read_patches(idx), ref.read_patches(idx))
+    assert cache.tiles["path"].tolist() == table.df["path"].tolist()
+    # reading in any order returns rows in that order
+    np.testing.assert_array_equal(cache.read_cls([5, 2, 5])[0], ref.read_cls([5])[0])
+
+
+def test_tokens_stored_fp16_match_encoder(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    enc = load_encoder(TINY + "&reg_tokens=2")
+    cache = extract_tokens(enc, table, tmp_path / "c", batch_size=3, num_workers=0, precision="fp32", quiet=True)
+    from jwth.data.tiles import load_tile
+
+    x = torch.stack([enc.transform(load_tile(data / p)[0]) for p in table.df["path"]])
+    tok = enc(x)
+    np.testing.assert_allclose(cache.read_cls(np.arange(4)), tok.cls.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(cache.read_registers(np.arange(4)), tok.registers.numpy(), atol=2e-3, rtol=2e-3)
+    assert cache.manifest["dtype"] == "float16" and cache.nbytes_per_tile == 2 * 192 * (1 + 2 + 16)
+
+
+def test_cache_is_never_mixed_across_encoders(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    extract_tokens(load_encoder(TINY), table, tmp_path / "c", num_workers=0, quiet=True).close()
+    before = _digest(tmp_path / "c" / "tokens.h5")
+    with pytest.raises(CacheMismatchError, match="encoder_spec|weights_hash"):
+        extract_tokens(load_encoder(TINY + "&seed=3"), table, tmp_path / "c", num_workers=0, quiet=True)
+    # a different tile list is refused too
+    sub = table.subset(np.array([True, True, True, False]))
+    with pytest.raises(CacheMismatchError, match="tiles_hash"):
+        extract_tokens(load_encoder(TINY), sub, tmp_path / "c", num_workers=0, quiet=True)
+    assert _digest(tmp_path / "c" / "tokens.h5") == before
+
+
+def test_tile_broken_mid_run_keeps_finished_work(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=3, per_patient=4)  # 12 tiles
+    table = read_labels(data)
+    enc = load_encoder(TINY)
+
+    def stop(done):
+        if done >= 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, on_batch=stop, quiet=True)
+    with TokenCache.open(tmp_path / "c", require_complete=False) as c:
+        first = c.read_cls(np.arange(4))
+    last = data / table.df["path"].iloc[-1]
+    good_bytes = last.read_bytes()
+    last.write_bytes(good_bytes[:100])  # truncated after the first run
+    with pytest.raises(TileError, match=last.name):
+        extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, quiet=True)
+    with TokenCache.open(tmp_path / "c", require_complete=False) as c:
+        assert c.n_done == 8  # the batches before the broken one are kept
+        np.testing.assert_array_equal(c.read_cls(np.arange(4)), first)
+    last.write_bytes(good_bytes)  # fixed: the run resumes and completes
+    done = extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, quiet=True)
+    assert done.complete

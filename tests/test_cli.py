@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TINY
+from jwth.cli import app
+
+runner = CliRunner()
+
+
+def test_probe_end_to_end_on_real_tiles(real_mini, tmp_path):
+    out = tmp_path / "run"
+    args = ["probe", "--data", str(real_mini), "--encoder", TINY, "--out", str(out), "--folds", "3",
+            "--n-boot", "100", "--epochs", "3", "--num-workers", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "RANDOMLY INITIALISED" in r.output and "| attention | patient |" in r.output
+    for f in ("results.json", "results.md", "config.yaml", "predictions.csv", "confusion.png", "roc.png", "attention.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    for h in ("linear", "attention"):
+        for level in ("tile", "patient"):
+            m = res["heads"][h][level]
+            assert 0 <= m["bacc"] <= 1 and len(m["bacc_ci"]) == 2 and "auroc" in m
+        assert res["heads"][h]["patient"]["n"] == 12
+    cmp = res["comparisons"]["attention-minus-linear"]
+    assert set(cmp) == {"metric", "tile", "patient"} and len(cmp["patient"]["ci"]) == 2
+    assert res["n_tiles"] == 48 and res["positive_class"] == "MSIMUT"
+    assert res["tile_checks"]["resized"]["count"] == 48  # 224 px tiles into a 64 px encoder, counted
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["encoder"] == TINY and cfg["probe"]["heads"] == ["linear", "attention"]
+    assert cfg["encoder_info"]["random_init"] is True
+    # a second run reuses the cache (no re-extraction) and gives the same numbers
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0 and "extracted" not in r2.output
+    again = json.loads((out / "results.json").read_text())["heads"]
+    for h in ("linear", "attention"):
+        assert again[h]["tile"] == res["heads"][h]["tile"] and again[h]["patient"] == res["heads"][h]["patient"]
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--heads", "linear,attn"], "Unknown head"),
+        (["--split", "site", "--test-sites", "ZZ"], "not in the data"),
+        (["--split", "diagonal"], "Unknown split"),
+    ],
+)
+def test_probe_bad_options(synth, tmp_path, extra, msg):
+    r = runner.invoke(app, ["probe", "--data", str(synth), "--encoder", TINY, "--out", str(tmp_path / "o"),
+                            "--folds", "2", "--num-workers", "0", *extra])
+    assert r.exit_code == 2 and msg in r.output
+
+
+def test_probe_missing_data(tmp_path):
+    r = runner.invoke(app, ["probe", "--data", str(tmp_path / "nope"), "--encoder", TINY, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_encoders_listing():
+    r = runner.invoke(app, ["encoders"])
+    assert r.exit_code == 0 and "uni2-h" in r.output and "registers=8" in r.output
