@@ -1,0 +1,128 @@
+"""Masking, EMA, multi-crop, heads, schedules, config and the collapse check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jwth.augment import StainAugmentConfig
+from jwth.ssl.config import ConfigError, load_config
+from jwth.ssl.heads import DINOHead
+from jwth.ssl.masking import block_mask, sample_masks
+from jwth.ssl.model import ema_update
+from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
+from jwth.ssl.train import collapse_reason, collapse_stats, cosine_schedule, teacher_temp_schedule
+
+
+def test_block_mask_exact_count_and_blocky():
+    g = torch.Generator().manual_seed(0)
+    for k in (0, 1, 5, 30, 64):
+        m = block_mask((8, 8), k, g)
+        assert m.shape == (8, 8) and int(m.sum()) == k
+    with pytest.raises(ValueError):
+        block_mask((4, 4), 17)
+    # a 14x14 grid at 40 %: mostly contiguous (each masked patch has a masked 4-neighbour)
+    m = block_mask((14, 14), 78, torch.Generator().manual_seed(1))
+    pad = torch.nn.functional.pad(m.float()[None, None], (1, 1, 1, 1))[0, 0]
+    nb = pad[:-2, 1:-1] + pad[2:, 1:-1] + pad[1:-1, :-2] + pad[1:-1, 2:]
+    assert float((nb[m] > 0).float().mean()) > 0.8
+
+
+def test_sample_masks_ratios_and_probability():
+    grid, n_crops = (14, 14), 64
+    masks = sample_masks(n_crops, grid, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0))
+    assert masks.shape == (n_crops, 196) and masks.dtype == torch.bool
+    ratios = masks.float().mean(1)
+    masked = ratios > 0
+    assert int(masked.sum()) == 32  # probability 0.5 of 64 crops
+    assert ratios[masked].min() >= 0.1 - 1 / 196 and ratios[masked].max() <= 0.5 + 1 / 196
+    # ratios spread over the range (stratified): both halves represented
+    assert (ratios[masked] < 0.3).sum() >= 12 and (ratios[masked] > 0.3).sum() >= 12
+    with pytest.raises(ValueError):
+        sample_masks(4, grid, (0.6, 0.5), 0.5)
+
+
+def test_ema_update_formula():
+    t = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    s = [torch.tensor([3.0, 6.0]), torch.tensor([[10.0]])]
+    ema_update(t, s, 0.9)
+    assert torch.allclose(t[0], torch.tensor([1.2, 2.4])) and torch.allclose(t[1], torch.tensor([[1.0]]))
+    ema_update(t, s, 1.0)  # final momentum 1: teacher frozen
+    assert torch.allclose(t[0], torch.tensor([1.2, 2.4]))
+
+
+def test_multicrop_shapes_and_determinism():
+    mc = MultiCropConfig(2, 32, (0.32, 1.0), 3, 16, (0.05, 0.32))
+    aug = MultiCropAugmentation(mc, StainAugmentConfig(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), gram_scale=2.0)
+    img = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    a = aug(img, torch.Generator().manual_seed(5))
+    b = aug(img, torch.Generator().manual_seed(5))
+    c = aug(img, torch.Generator().manual_seed(6))
+    assert a["global"].shape == (2, 3, 32, 32) and a["local"].shape == (3, 3, 16, 16)
+    assert a["global_hr"].shape == (2, 3, 64, 64)
+    assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
+    assert not torch.equal(a["global"], c["global"])
+
+
+def test_dihedral_only_changes_orientation():
+    """With full-tile crops and no stain change, a crop is the tile up to a D4 transform."""
+    mc = MultiCropConfig(2, 16, (1.0, 1.0), 0, 8, (0.1, 0.2))
+    aug = MultiCropAugmentation(mc, StainAugmentConfig(strength=0.0), (0, 0, 0), (1 / 255, 1 / 255, 1 / 255))
+    img = torch.arange(3 * 16 * 16, dtype=torch.float32).reshape(3, 16, 16).remainder(256).to(torch.uint8)
+    seen = set()
+    for s in range(12):
+        out = aug(img, torch.Generator().manual_seed(s))["global"]
+        for crop in out:
+            cands = [torch.rot90(f, k, (-2, -1)) for f in (img.float(), img.float().flip(-1)) for k in range(4)]
+            d = [float((crop - c).abs().max()) for c in cands]
+            assert min(d) <= 1.0
+            seen.add(int(np.argmin(d)))
+    assert len(seen) >= 4
+
+
+def test_dino_head_shapes_and_fixed_norm():
+    h = DINOHead(12, out_dim=20, hidden_dim=16, bottleneck_dim=8, nlayers=3)
+    y = h(torch.randn(5, 12))
+    assert y.shape == (5, 20)
+    assert y.abs().max() <= 1.0 + 1e-5  # cosine scores: unit prototypes, unit bottleneck
+    g = h.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+
+
+def test_schedules():
+    s = cosine_schedule(1.0, 0.0, 10, warmup=2)
+    assert len(s) == 10 and s[0] == 0.0 and s[2] == pytest.approx(1.0) and s[-1] < 0.05
+    assert np.all(np.diff(s[2:]) <= 0)
+    m = cosine_schedule(0.992, 1.0, 100)
+    assert m[0] == pytest.approx(0.992) and m[-1] == pytest.approx(1.0, abs=1e-5)
+    t = teacher_temp_schedule(0.04, 0.07, 30, 50)
+    assert t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07) and t[-1] == pytest.approx(0.07)
+
+
+def test_config_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["optim.batchsize=3"])
+    assert "optim.batch_size" in str(e.value) and "crops.local_crops_number" in str(e.value)
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  batch_size: 8\nfoo: 1\n")
+    with pytest.raises(ConfigError, match="foo"):
+        load_config(f)
+    cfg = load_config(overrides=["optim.batch_size=8", "crops.global_crops_scale=[0.4,1.0]", "model.kwargs={reg_tokens: 4}"])
+    assert cfg["optim"]["batch_size"] == 8 and cfg["crops"]["global_crops_scale"] == [0.4, 1.0]
+    assert cfg["model"]["kwargs"] == {"reg_tokens": 4}
+    assert cfg["dino"]["head_n_prototypes"] == 65536 and cfg["crops"]["local_crops_number"] == 8  # DINOv2 defaults
+
+
+def test_collapse_detector():
+    k, b = 64, 16
+    uniform = torch.full((b, k), 1.0 / k)
+    st = collapse_stats(uniform, torch.randn(b, 8))
+    assert collapse_reason(st, b) and "uniform" in collapse_reason(st, b)
+    same = torch.ones(b, 8)
+    onehot = torch.nn.functional.one_hot(torch.zeros(b, dtype=torch.long), k).float() * 0.9 + 0.1 / k
+    st = collapse_stats(onehot, same)
+    assert st["embedding_spread"] < 1e-6 and collapse_reason(st, b)
+    healthy = torch.softmax(torch.randn(b, k) * 5, -1)
+    st = collapse_stats(healthy, torch.randn(b, 8))
+    assert collapse_reason(st, b) is None
