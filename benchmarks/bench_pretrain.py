@@ -51,7 +51,7 @@ def main() -> None:
     from jwth.augment import StainAugmentConfig, stain_augment
     from jwth.ssl.config import load_config
     from jwth.ssl.data import SSLTileDataset, StepBatchSampler, list_images, load_uint8
-    from jwth.ssl.model import backbone_forward, build_network
+    from jwth.ssl.model import build_network
     from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
     from jwth.ssl.train import train
 

@@ -27,7 +27,8 @@ from jwth.cache.extract import extract_tokens
 from jwth.data.tiles import load_tile, read_labels
 from jwth.device import autocast
 from jwth.encoders import DEFAULT_ENCODER, load_encoder
-from jwth.eval.train import Features, HeadTrainConfig, fit_head
+from jwth.eval.probe import load_features
+from jwth.eval.train import HeadTrainConfig, fit_head
 from jwth.heads import build_head
 from jwth.settings import dataset_dir
 
@@ -91,8 +92,7 @@ def main() -> None:
         cache = extract_tokens(enc, table, Path(d) / "c", batch_size=args.batch_size, num_workers=1, quiet=True)
         t_ext = time.perf_counter() - t0
         bytes_per_tile = cache.nbytes_per_tile
-        feats = Features(torch.from_numpy(cache.read_cls(np.arange(len(table)))),
-                         torch.from_numpy(cache.read_patches_f16(np.arange(len(table)))))
+        feats = load_features(cache, {"raw", "normalized"})
         cache.close()
     n = len(table)
     print(f"[1] bare forward {n / t_bare:.1f} tiles/s; extraction {n / t_ext:.1f} tiles/s; "

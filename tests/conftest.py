@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
-from PIL import Image
 
 from jwth.settings import data_root
+from jwth_testutils import write_tiles
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-TINY = "timm:vit_tiny_patch16_224?img_size=64"
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, 2+ threads make tiny forwards several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -40,24 +45,6 @@ def real_mini(root: Path, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("real_mini")
     sub.to_csv(d / "labels.csv", index=False)
     return d
-
-
-def write_tiles(folder: Path, n_patients: int = 6, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
-    """Synthetic RGB tiles: class B tiles are redder. Writes labels.csv; returns the folder."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for p in range(n_patients):
-        label = "A" if p % 2 == 0 else "B"
-        for t in range(per_patient):
-            arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            if label == "B":
-                arr[..., 0] = 255
-            name = f"p{p}_t{t}.png"
-            Image.fromarray(arr).save(folder / name)
-            rows.append({"path": name, "label": label, "patient_id": f"P{p}", "site": f"S{p % 3}"})
-    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
-    return folder
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
 import hashlib
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, write_tiles
+from jwth_testutils import TINY, write_tiles
 from jwth.cache import CacheMismatchError, TokenCache
 from jwth.cache.extract import extract_tokens
 from jwth.data.tiles import TileError, read_labels

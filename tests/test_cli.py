@@ -4,7 +4,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import TINY
+from jwth_testutils import TINY
 from jwth.cli import app
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import TINY
+from jwth_testutils import TINY
 from jwth.encoders import REGISTRY, load_encoder, save_encoder_checkpoint
 from jwth.encoders.registry import timm_kwargs
 

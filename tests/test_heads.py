@@ -9,6 +9,7 @@ from jwth.heads import (
     LearnedQueryHead,
     build_head,
     class_attention_pool,
+    normalize_tokens,
     parse_heads,
 )
 
@@ -78,6 +79,14 @@ def test_masked_register_rows_change_nothing():
     assert not torch.allclose(a, head(cls, with_regs), atol=1e-3)
 
 
+def test_pre_normalized_tokens_give_the_same_logits():
+    torch.manual_seed(4)
+    for cls_ in (JWTHAttentionHead, LearnedQueryHead):
+        head = cls_(16, 3, num_heads=4).eval()
+        cls, patches = torch.randn(4, 16), torch.randn(4, 9, 16) * 3 + 1
+        torch.testing.assert_close(head(cls, patches), head.forward_normalized(cls, normalize_tokens(patches)))
+
+
 def test_fully_masked_row_is_an_error():
     with pytest.raises(ValueError, match="keeps no"):
         AttentionPool(8, 2)(torch.randn(1, 8), torch.randn(1, 3, 8), torch.zeros(1, 3, dtype=torch.bool))
@@ -107,3 +116,14 @@ def test_unknown_head_name():
     with pytest.raises(ValueError, match="choose from linear, attention, mean, learned-query"):
         parse_heads("linear,attn")
     assert parse_heads("attention, linear,attention") == ["attention", "linear"]
+
+
+def test_grid_forward_equals_each_head_alone():
+    from jwth.heads.attention_pool import grid_forward_normalized
+
+    torch.manual_seed(5)
+    heads = [JWTHAttentionHead(16, 2, num_heads=4).eval(), LearnedQueryHead(16, 2, num_heads=4).eval()]
+    cls, tokens = torch.randn(3, 16), normalize_tokens(torch.randn(3, 7, 16))
+    together = grid_forward_normalized(heads, cls, tokens)
+    for h, lg in zip(heads, together):
+        torch.testing.assert_close(lg, h.forward_normalized(cls, tokens))

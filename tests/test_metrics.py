@@ -80,3 +80,26 @@ def test_paired_bootstrap_identical_heads_and_better_head():
     perfect = np.stack([1 - y, y], 1).astype(float)
     better = paired_bootstrap(y, perfect, p, np.arange(200), n_boot=200)
     assert better["diff"] > 0.3 and better["ci"][0] > 0 and better["p_le_0"] == 0.0
+
+
+def test_fast_metrics_equal_sklearn_on_many_random_cases():
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        C = 2 + trial % 3
+        n = int(rng.integers(5, 80))
+        y = rng.integers(0, C, n)
+        p = _probs(rng, n, C)
+        if trial % 5 == 0:  # ties in the scores
+            p = np.round(p, 1)
+            p = p / p.sum(1, keepdims=True)
+        m = classification_metrics(y, p)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_bacc = balanced_accuracy_score(y, p.argmax(1))
+        assert m["bacc"] == pytest.approx(ref_bacc)
+        assert m["f1_macro"] == pytest.approx(f1_score(y, p.argmax(1), average="macro", labels=range(C), zero_division=0))
+        if len(np.unique(y)) == C:
+            ref = roc_auc_score(y, p[:, 1]) if C == 2 else roc_auc_score(y, p, multi_class="ovr", labels=range(C))
+            assert m["auroc"] == pytest.approx(ref)

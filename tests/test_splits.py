@@ -54,3 +54,10 @@ def test_patient_derived_from_tcga_barcode_when_no_column(tmp_path):
     t = read_labels(tmp_path, patient_col=None, check_files=False)
     assert t.df["patient_id"].tolist() == ["TCGA-3L-AA1B", "TCGA-3L-AA1B", "TCGA-AA-3516"]
     assert t.df["site"].tolist() == ["3L", "3L", "AA"]
+
+
+def test_inner_split_needs_two_patients_per_class():
+    y = np.array([0, 0, 1, 1, 1])
+    pats = np.array(["a", "a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="Too few training patients per class"):
+        inner_split(y, pats, np.arange(5))

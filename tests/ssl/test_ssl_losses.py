@@ -79,7 +79,7 @@ def test_sinkhorn_knopp_marginals_and_reference():
 
 def test_ibot_loss_matches_formula():
     rng = np.random.default_rng(2)
-    b, n, k, tau_s = 3, 4, 6, 0.1
+    k, tau_s = 6, 0.1
     masks = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
     m = int(masks.sum())
     hs = rng.normal(size=(m, k))

@@ -15,17 +15,6 @@ from PIL import Image
 from wsi_synth import GLASS, corrupt_tile, position_level, tissue_image, write_pyramid
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, 2+ threads make tiny forwards several times slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def slides_dir(tmp_path_factory) -> Path:
     """A folder of synthetic slides covering the pitfalls (see each file's comment)."""

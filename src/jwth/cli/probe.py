@@ -83,6 +83,12 @@ def _probe(
     res = probe_run(cfg)
     typer.echo("")
     typer.echo(results_table(res))
+    if res["encoder"]["random_init"]:
+        typer.secho(
+            f"\nNOTE: {encoder} is a RANDOMLY INITIALISED encoder (no pretrained weights): these numbers "
+            "are a pipeline check of an untrained network, not a foundation model's performance.",
+            fg=typer.colors.YELLOW,
+        )
     typer.echo(f"\nrun folder: {out} (results.json, results.md, config.yaml, predictions.csv, figures)")
     return res
 
@@ -106,7 +112,7 @@ def probe(
     patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
     site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
     positive: Optional[str] = typer.Option(None, help="Positive class for ROC (default: the rarer class)."),
-    epochs: int = typer.Option(12, help="Head training epochs."),
+    epochs: int = typer.Option(10, help="Head training epochs."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(32, help="Extraction batch size."),
@@ -130,7 +136,7 @@ def probe(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
     encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
-    heads: str = typer.Option("linear,attention,mean,learned-query", help=_HEADS_HELP),
+    heads: str = typer.Option("linear,attention", help=_HEADS_HELP + " The ablations add training time."),
     device: str = typer.Option("auto"),
 ) -> None:
     """The main job: probe MSI vs MSS on the bundled TCGA colorectal tiles and print the table."""
@@ -143,7 +149,7 @@ def demo(
         spec = encoder or DEFAULT_ENCODER
         typer.echo(f"jwth demo: {DEMO_DATASET} ({data}) with encoder {spec}")
         _probe(data, spec, out, heads, "patient", 5, None, None, "labels.csv", "path", "label",
-               "patient_id", None, "MSIMUT", 12, 1000, 0, 32, 1, device, "auto", False)
+               "patient_id", None, "MSIMUT", 10, 1000, 0, 32, 1, device, "auto", False)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     typer.echo(f"demo finished in {time.time() - t0:.0f} s")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from jwth.encoders.base import Encoder, Tokens, state_dict_hash
+from jwth.encoders.base import Encoder, Tokens
 from jwth.encoders.registry import REGISTRY, RegistryEntry, timm_kwargs
 
 __all__ = [

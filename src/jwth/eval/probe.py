@@ -26,7 +26,7 @@ from jwth.eval.metrics import (
 )
 from jwth.eval.splits import inner_split, patient_folds, site_split
 from jwth.eval.train import Features, HeadTrainConfig, predict, select_and_fit
-from jwth.heads import build_head, parse_heads, uses_patches
+from jwth.heads import build_head, normalize_tokens, parse_heads, token_input
 from jwth.progress import progress_bar
 
 
@@ -54,12 +54,32 @@ class ProbeOutput:
     test_mask: np.ndarray
 
 
-def load_features(cache: TokenCache, need_patches: bool) -> Features:
-    """Read the cache into memory: class tokens float32, patch tokens float16."""
+def load_features(
+    cache: TokenCache, kinds: set[str], fp32_budget_bytes: float = 6e9, chunk: int = 512
+) -> Features:
+    """Read a cache into memory for head training.
+
+    Class tokens as float32; patch tokens of each requested kind (``raw``,
+    ``normalized`` = :func:`jwth.heads.normalize_tokens`, computed once here) as
+    float32 when all of them fit in ``fp32_budget_bytes``, else float16.
+    """
     idx = np.arange(cache.n_tiles)
-    cls = torch.from_numpy(cache.read_cls(idx))
-    patches = torch.from_numpy(cache.read_patches_f16(idx)) if need_patches else None
-    return Features(cls=cls, patches=patches)
+    feats = Features(cls=torch.from_numpy(cache.read_cls(idx)))
+    kinds = {k for k in kinds if k}
+    if not kinds:
+        return feats
+    N, D = int(cache.manifest["num_patches"]), cache.embed_dim
+    dtype = torch.float32 if len(kinds) * cache.n_tiles * N * D * 4 <= fp32_budget_bytes else torch.float16
+    raw = torch.empty((cache.n_tiles, N, D), dtype=dtype) if "raw" in kinds else None
+    normed = torch.empty((cache.n_tiles, N, D), dtype=dtype) if "normalized" in kinds else None
+    for s in range(0, cache.n_tiles, chunk):
+        p = torch.from_numpy(cache.read_patches_f16(idx[s : s + chunk])).float()
+        if raw is not None:
+            raw[s : s + chunk] = p
+        if normed is not None:
+            normed[s : s + chunk] = normalize_tokens(p)
+    feats.patches, feats.patches_normalized = raw, normed
+    return feats
 
 
 def _summaries(y, prob, patients, n_boot, seed):
@@ -97,13 +117,14 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> Probe
     patients = tiles["patient_id"].to_numpy()
     sites = tiles["site"].to_numpy()
     C = len(classes)
-    need_patches = any(uses_patches(h) for h in heads)
+    kinds = {token_input(h) for h in heads} - {None}
+    need_patches = bool(kinds)
     if need_patches and not cache.has_patches:
         raise ValueError(f"Heads {heads} need patch tokens but cache {cache.folder} has none; re-extract without --no-patches.")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.time()
-    feats = load_features(cache, need_patches)
+    feats = load_features(cache, kinds)
     load_s = time.time() - t0
 
     if cfg.split == "patient":
@@ -115,7 +136,7 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> Probe
     else:
         raise ValueError(f"Unknown split {cfg.split!r}; choose patient or site.")
 
-    T, N = cache.n_tiles, (feats.patches.shape[1] if feats.patches is not None else 0)
+    T, N = cache.n_tiles, int(cache.manifest.get("num_patches", 0))
     oof = {h: np.full((T, C), np.nan) for h in heads}
     attn = {h: np.full((T, N), np.nan, dtype=np.float32) for h in heads if h in ("attention", "learned-query")}
     per_fold: dict[str, list] = {h: [] for h in heads}

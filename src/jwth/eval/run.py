@@ -140,13 +140,4 @@ def _asdict(cfg: RunConfig) -> dict:
     return d
 
 
-def summary_line(res: dict) -> str:
-    """One-line headline: patient-level balanced accuracy of each head."""
-    parts = [
-        f"{h}: patient BACC {r['patient']['bacc']:.3f} [{r['patient']['bacc_ci'][0]:.3f}, {r['patient']['bacc_ci'][1]:.3f}]"
-        for h, r in res["heads"].items()
-    ]
-    return "; ".join(parts)
-
-
-__all__ = ["RunConfig", "probe_run", "summary_line"]
+__all__ = ["RunConfig", "probe_run"]

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from jwth.eval.metrics import metric
+from jwth.heads.attention_pool import JWTHAttentionHead, grid_forward_normalized
 
 
 @dataclass
 class HeadTrainConfig:
     """Head training settings (saved in each run's config.yaml)."""
 
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 128
     lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
     weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-2])
@@ -38,15 +39,43 @@ class Features:
 
     Attributes:
         cls: (T, D) float32.
-        patches: (T, N, D) float16, or None when no head needs them.
+        patches: raw patch tokens (T, N, D), float32 or float16 (converted per batch),
+            or None when no head reads them.
+        patches_normalized: ``normalize_tokens(patches)`` computed once (same dtypes),
+            or None when no head reads them.
     """
 
     cls: torch.Tensor
-    patches: torch.Tensor | None
+    patches: torch.Tensor | None = None
+    patches_normalized: torch.Tensor | None = None
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self, idx: np.ndarray, kind: str | None = "raw") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cls (b, D), tokens (b, N, D) float32 or None) for tiles ``idx``; kind: None, raw, normalized."""
         i = torch.as_tensor(idx)
-        return self.cls[i], (self.patches[i].float() if self.patches is not None else None)
+        src = {None: None, "raw": self.patches, "normalized": self.patches_normalized}[kind]
+        if kind is not None and src is None:
+            raise ValueError(f"These features hold no {kind} patch tokens.")
+        return self.cls[i], (src[i].float() if src is not None else None)
+
+
+def _logits(head: nn.Module, cls: torch.Tensor, tokens: dict) -> torch.Tensor:
+    kind = getattr(head, "token_input", "raw")
+    if kind == "normalized":
+        return head.forward_normalized(cls, tokens[kind])
+    return head(cls, tokens.get(kind))
+
+
+def _gather(heads: list[nn.Module], feats: Features, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """One gather per token kind the heads read: (cls (b, D), {kind: tokens (b, N, D)})."""
+    kinds = {getattr(h, "token_input", "raw") for h in heads} - {None}
+    cls = feats.cls[torch.as_tensor(idx)]
+    return cls, {k: feats.batch(idx, k)[1] for k in kinds}
+
+
+def head_logits(head: nn.Module, feats: Features, idx: np.ndarray) -> torch.Tensor:
+    """Logits (b, C) of ``head`` on tiles ``idx``, feeding the token kind the head reads."""
+    cls, tokens = _gather([head], feats, idx)
+    return _logits(head, cls, tokens)
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -54,6 +83,57 @@ def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     w = np.where(counts > 0, len(y) / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(w, dtype=torch.float32)
+
+
+def fit_heads(
+    heads: list[nn.Module],
+    feats: Features,
+    y: np.ndarray,
+    idx: np.ndarray,
+    cfg: HeadTrainConfig,
+    settings: list[tuple[float, float]],
+    num_classes: int,
+) -> list[nn.Module]:
+    """Train several heads side by side on the same batches (one per (lr, weight decay)).
+
+    Each head has its own AdamW optimiser and cosine schedule; the batch (and its
+    fp16 -> fp32 conversion) is shared, as in CAPI's grid of probes trained on one
+    pass over frozen features. Returns the heads in eval mode.
+    """
+    g = torch.Generator().manual_seed(cfg.seed)
+    w = class_weights(y[idx], num_classes) if cfg.class_balanced else None
+    loss_fn = nn.CrossEntropyLoss(weight=w)
+    steps_per_epoch = max(1, math.ceil(len(idx) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    opts, scheds = [], []
+    for h, (lr, wd) in zip(heads, settings):
+        opt = torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=wd)
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+        h.train()
+    yt = torch.as_tensor(np.array(y, dtype=np.int64))
+    stacked = len(heads) > 1 and all(isinstance(h, JWTHAttentionHead) for h in heads)
+    for _ in range(cfg.epochs):
+        perm = idx[torch.randperm(len(idx), generator=g).numpy()]
+        for s in range(0, len(perm), cfg.batch_size):
+            b = perm[s : s + cfg.batch_size]
+            if len(b) < 2:  # BatchNorm statistics need two samples
+                continue
+            cls, tokens = _gather(heads, feats, b)
+            if stacked:
+                # the heads' parameters are disjoint, so the gradient of the summed loss
+                # w.r.t. each head equals that of its own loss
+                logits = grid_forward_normalized(heads, cls, tokens["normalized"])
+            else:
+                logits = [_logits(h, cls, tokens) for h in heads]
+            loss = sum(loss_fn(lg, yt[b]) for lg in logits)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
+    return [h.eval() for h in heads]
 
 
 def fit_head(
@@ -66,30 +146,8 @@ def fit_head(
     weight_decay: float,
     num_classes: int,
 ) -> nn.Module:
-    """Train ``head`` on tiles ``idx``; returns it in eval mode."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    w = class_weights(y[idx], num_classes) if cfg.class_balanced else None
-    loss_fn = nn.CrossEntropyLoss(weight=w)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(idx) / cfg.batch_size))
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    yt = torch.as_tensor(np.array(y, dtype=np.int64))
-    head.train()
-    for _ in range(cfg.epochs):
-        perm = idx[torch.randperm(len(idx), generator=g).numpy()]
-        for s in range(0, len(perm), cfg.batch_size):
-            b = perm[s : s + cfg.batch_size]
-            if len(b) < 2:  # BatchNorm statistics need two samples
-                continue
-            cls, patches = feats.batch(b)
-            loss = loss_fn(head(cls, patches), yt[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return head.eval()
+    """Train one ``head`` on tiles ``idx`` (see :func:`fit_heads`); returns it in eval mode."""
+    return fit_heads([head], feats, y, idx, cfg, [(lr, weight_decay)], num_classes)[0]
 
 
 @torch.no_grad()
@@ -100,8 +158,7 @@ def predict(
     head.eval()
     probs, attn = [], []
     for s in range(0, len(idx), batch_size):
-        cls, patches = feats.batch(idx[s : s + batch_size])
-        probs.append(head(cls, patches).softmax(-1).numpy())
+        probs.append(head_logits(head, feats, idx[s : s + batch_size]).softmax(-1).numpy())
         if keep_attention and getattr(head, "last_attention", None) is not None:
             attn.append(head.last_attention.mean(1).numpy())
     return np.concatenate(probs), (np.concatenate(attn) if attn else None)
@@ -130,8 +187,8 @@ def select_and_fit(
     grid = [(lr, wd) for lr in cfg.lrs for wd in cfg.weight_decays]
     scores = []
     if len(grid) > 1:
-        for lr, wd in grid:
-            h = fit_head(make_head(), feats, y, fit_idx, cfg, lr, wd, num_classes)
+        torch.manual_seed(cfg.seed)
+        for h in fit_heads([make_head() for _ in grid], feats, y, fit_idx, cfg, grid, num_classes):
             p, _ = predict(h, feats, val_idx)
             scores.append(metric("bacc", y[val_idx], p))
         best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0

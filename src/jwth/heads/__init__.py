@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from jwth.heads.attention_pool import AttentionPool, JWTHAttentionHead, LearnedQueryHead, class_attention_pool
+from jwth.heads.attention_pool import (
+    AttentionPool,
+    JWTHAttentionHead,
+    LearnedQueryHead,
+    class_attention_pool,
+    normalize_tokens,
+)
 from jwth.heads.linear import LinearProbe, MeanConcatHead
 
 HEADS: dict[str, type[nn.Module]] = {
@@ -40,9 +46,10 @@ def build_head(name: str, dim: int, num_classes: int, num_heads: int = 8, dropou
     return HEADS[name](dim, num_classes, num_heads=num_heads, dropout=dropout)
 
 
-def uses_patches(name: str) -> bool:
-    """Whether head ``name`` reads patch tokens."""
-    return name != "linear"
+def token_input(name: str) -> str | None:
+    """What head ``name`` reads besides the class token: None, ``raw`` or ``normalized`` patch tokens."""
+    parse_heads([name])
+    return HEADS[name].token_input
 
 
 __all__ = [
@@ -54,6 +61,7 @@ __all__ = [
     "MeanConcatHead",
     "build_head",
     "class_attention_pool",
+    "normalize_tokens",
     "parse_heads",
-    "uses_patches",
+    "token_input",
 ]

@@ -59,6 +59,29 @@ def class_attention_pool(
     return torch.einsum("bn,bnd->bd", w, patches), w
 
 
+def attend(qk: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of queries already in token space.
+
+    Args:
+        qk: (B, Q, D) queries (scaled, projected through W_k).
+        tokens: (B, N, D).
+        mask: (B, N) bool, True = attend.
+
+    Returns:
+        (pooled (B, Q, D) = softmax(qk tokens^T) tokens, weights (B, Q, N)).
+
+    Raises:
+        ValueError: a mask row keeps no token.
+    """
+    scores = torch.bmm(qk, tokens.transpose(1, 2))
+    if mask is not None:
+        if (~mask).all(dim=1).any():
+            raise ValueError("A mask row keeps no token; attention over nothing is undefined.")
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    attn = scores.softmax(dim=-1)
+    return torch.bmm(attn, tokens), attn
+
+
 class AttentionPool(nn.Module):
     """Multi-head attention with one query per sample, computed in O(N D) per head.
 
@@ -85,24 +108,36 @@ class AttentionPool(nn.Module):
         self.v = nn.Linear(dim, dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
+    def query_in_token_space(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, D) query -> (B, H, D): each head's scaled query projected through W_k,h."""
+        B, D = query.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.q(query).view(B, H, d)
+        return torch.einsum("bhd,hdD->bhD", q, self.k.weight.view(H, d, D)) / math.sqrt(d)
+
+    def finish(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H, D) attention-weighted tokens -> (B, D) output (value and output projections)."""
+        B, H, D = pooled.shape
+        v = torch.einsum("bhD,hdD->bhd", pooled, self.v.weight.view(H, self.head_dim, D))
+        if self.v.bias is not None:
+            v = v + self.v.bias.view(H, self.head_dim)
+        return self.proj(v.reshape(B, D))
+
     def forward(
         self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, N, D = tokens.shape
-        H, d = self.num_heads, self.head_dim
-        q = self.q(query).view(B, H, d)
-        qk = torch.einsum("bhd,hdD->bhD", q, self.k.weight.view(H, d, D))  # query in token space
-        scores = torch.einsum("bhD,bnD->bhn", qk, tokens) / math.sqrt(d)
-        if mask is not None:
-            if (~mask).all(dim=1).any():
-                raise ValueError("A mask row keeps no token; attention over nothing is undefined.")
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        attn = scores.softmax(dim=-1)
-        pooled = torch.einsum("bhn,bnD->bhD", attn, tokens)  # (B, H, D)
-        v = torch.einsum("bhD,hdD->bhd", pooled, self.v.weight.view(H, d, D))
-        if self.v.bias is not None:
-            v = v + self.v.bias.view(H, d)
-        return self.proj(v.reshape(B, D)), attn
+        qk = self.query_in_token_space(query)
+        pooled, attn = attend(qk, tokens, mask)
+        return self.finish(pooled), attn
+
+
+def normalize_tokens(patches: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dim, (..., D) -> (..., D).
+
+    Equals ``JWTHAttentionHead.norm_kv`` (same eps), so heads can be trained on tokens
+    normalised once instead of at every step.
+    """
+    return torch.nn.functional.layer_norm(patches, patches.shape[-1:], eps=eps)
 
 
 class _Standardize(nn.Module):
@@ -119,7 +154,9 @@ class _Standardize(nn.Module):
 class JWTHAttentionHead(nn.Module):
     """The JWTH head: class-token attention pooling fused with the class token.
 
-    logits = W [standardise(cls); AttnPool(q = LN(cls), K = V = LN(patches))] + b
+    logits = W [standardise(cls); AttnPool(q = LN(cls), K = V = LN'(patches))] + b
+
+    (LN' is a LayerNorm without affine parameters.)
 
     Args:
         dim: token dimension D.
@@ -136,7 +173,9 @@ class JWTHAttentionHead(nn.Module):
         super().__init__()
         self.cls_std = _Standardize(dim)
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        # No affine on the token LayerNorm: gamma/beta would be absorbed by W_k and W_v anyway, and
+        # without parameters the normalisation needs no backward pass over the (B, N, D) tokens.
+        self.norm_kv = nn.LayerNorm(dim, elementwise_affine=False)
         self.pool = AttentionPool(dim, num_heads)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * dim, num_classes)
@@ -145,10 +184,53 @@ class JWTHAttentionHead(nn.Module):
     def query(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         return self.norm_q(cls)
 
+    #: the training loop may pass patch tokens already normalised by :func:`normalize_tokens`
+    token_input = "normalized"
+
     def forward(self, cls: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        pooled, attn = self.pool(self.query(cls, patches), self.norm_kv(patches), mask)
+        return self.forward_normalized(cls, self.norm_kv(patches), mask)
+
+    def forward_normalized(
+        self, cls: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Like :meth:`forward` with ``tokens = normalize_tokens(patches)`` computed once beforehand.
+
+        The token LayerNorm has no parameters, so normalising a cache once is exact and
+        saves the largest per-step cost of training on frozen tokens.
+        """
+        pooled, attn = self.pool(self.query(cls, tokens), tokens, mask)
         self.last_attention = attn.detach()
+        return self.classify(cls, pooled)
+
+    def classify(self, cls: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(torch.cat([self.cls_std(cls), pooled], dim=-1)))
+
+
+def grid_forward_normalized(
+    heads: list[JWTHAttentionHead], cls: torch.Tensor, tokens: torch.Tensor
+) -> list[torch.Tensor]:
+    """Logits of several attention heads on the same normalised tokens in one pass.
+
+    The queries of all heads (G heads x H attention heads) are stacked so that the
+    (B, N, D) tokens are read twice per step in total instead of twice per head; each
+    head's logits are exactly its own :meth:`JWTHAttentionHead.forward_normalized`.
+    Used to train a grid of (lr, weight decay) heads side by side.
+
+    Args:
+        heads: attention heads with equal dim and num_heads.
+        cls: (B, D); tokens: normalised patch tokens (B, N, D).
+
+    Returns:
+        One (B, C) logits tensor per head.
+    """
+    qks = [h.pool.query_in_token_space(h.query(cls, tokens)) for h in heads]
+    H = qks[0].shape[1]
+    pooled, attn = attend(torch.cat(qks, dim=1), tokens)
+    out = []
+    for g, h in enumerate(heads):
+        h.last_attention = attn[:, g * H : (g + 1) * H].detach()
+        out.append(h.classify(cls, h.pool.finish(pooled[:, g * H : (g + 1) * H])))
+    return out
 
 
 class LearnedQueryHead(JWTHAttentionHead):
@@ -166,4 +248,4 @@ class LearnedQueryHead(JWTHAttentionHead):
         return self.learned_query.expand(cls.shape[0], -1)
 
 
-__all__ = ["AttentionPool", "JWTHAttentionHead", "LearnedQueryHead", "class_attention_pool"]
+__all__ = ["AttentionPool", "JWTHAttentionHead", "LearnedQueryHead", "class_attention_pool", "grid_forward_normalized", "normalize_tokens"]

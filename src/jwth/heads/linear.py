@@ -13,7 +13,7 @@ class LinearProbe(nn.Module):
     tokens are accepted and ignored.
     """
 
-    uses_patches = False
+    token_input = None
 
     def __init__(self, dim: int, num_classes: int, **_: object) -> None:
         super().__init__()
@@ -29,6 +29,8 @@ class MeanConcatHead(nn.Module):
 
     Shapes: cls (B, D), patches (B, N, D), mask (B, N) -> logits (B, C).
     """
+
+    token_input = "raw"
 
     def __init__(self, dim: int, num_classes: int, **_: object) -> None:
         super().__init__()

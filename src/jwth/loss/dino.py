@@ -70,20 +70,15 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float, n_iterations: int =
     return q.t()
 
 
-class DINOLoss(nn.Module):
-    """DINO loss: cross-entropy between teacher and student prototype distributions.
+class PrototypeDistillation(nn.Module):
+    """Shared state of the DINO and iBOT losses: temperatures, centre and teacher targets.
 
     Args:
         out_dim: number of prototypes K.
-        student_temp: tau_s (DINOv2: 0.1).
-        center_momentum: m_c of the running centre (DINOv2: 0.9).
-        centering: ``"centering"`` (running mean, default), ``"sinkhorn_knopp"``, or
-            ``"none"`` (no centering; collapses, kept for the collapse test).
+        student_temp: tau_s (0.1).
+        center_momentum: momentum m_c of the running-mean centre (0.9).
+        centering: ``"centering"`` (running mean), ``"sinkhorn_knopp"``, or ``"none"``.
         sk_iterations: Sinkhorn-Knopp rounds.
-
-    Buffers:
-        center: c, shape (1, K), updated by :meth:`update_center` (global-batch mean
-        under torch.distributed).
     """
 
     def __init__(
@@ -106,13 +101,32 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def teacher_probs(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """P_t from teacher scores g_t (B, K) -> (B, K) float32, rows summing to 1."""
+        """P_t from teacher scores g_t (B, K) -> (B, K) float32, rows summing to 1 (B may be 0)."""
+        if teacher_scores.shape[0] == 0:
+            return teacher_scores.float()
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_scores, teacher_temp, self.sk_iterations)
         g = teacher_scores.float()
         if self.centering == "centering":
             g = g - self.center
         return F.softmax(g / teacher_temp, dim=-1)
+
+
+class DINOLoss(PrototypeDistillation):
+    """DINO loss: cross-entropy between teacher and student prototype distributions.
+
+    Args:
+        out_dim: number of prototypes K.
+        student_temp: tau_s (DINOv2: 0.1).
+        center_momentum: m_c of the running centre (DINOv2: 0.9).
+        centering: ``"centering"`` (running mean, default), ``"sinkhorn_knopp"``, or
+            ``"none"`` (no centering; collapses, kept for the collapse test).
+        sk_iterations: Sinkhorn-Knopp rounds.
+
+    Buffers:
+        center: c, shape (1, K), updated by :meth:`update_center` (global-batch mean
+        under torch.distributed).
+    """
 
     @torch.no_grad()
     def update_center(self, teacher_scores: torch.Tensor) -> None:

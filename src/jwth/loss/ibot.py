@@ -14,17 +14,14 @@ per-image mean and does not depend on how a global batch is split across process
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from jwth.loss._dist import all_reduce_sum, world_size
-from jwth.loss.dino import sinkhorn_knopp
+from jwth.loss._dist import all_reduce_sum
+from jwth.loss.dino import PrototypeDistillation
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(PrototypeDistillation):
     """Masked patch-token loss (iBOT L_MIM).
 
     Args:
@@ -34,36 +31,6 @@ class IBOTPatchLoss(nn.Module):
         centering: ``"centering"``, ``"sinkhorn_knopp"`` or ``"none"``.
         sk_iterations: Sinkhorn-Knopp rounds.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: Literal["centering", "sinkhorn_knopp", "none"] = "centering",
-        sk_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if centering not in ("centering", "sinkhorn_knopp", "none"):
-            raise ValueError(f"centering must be centering|sinkhorn_knopp|none, got {centering!r}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.sk_iterations = sk_iterations
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """P_t for the masked teacher patch scores, (M, K) -> (M, K) float32."""
-        if teacher_scores.shape[0] == 0:
-            return teacher_scores.float()
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_scores, teacher_temp, self.sk_iterations)
-        g = teacher_scores.float()
-        if self.centering == "centering":
-            g = g - self.center
-        return F.softmax(g / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update_center(self, teacher_scores: torch.Tensor) -> None:
