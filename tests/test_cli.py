@@ -31,7 +31,7 @@ def test_probe_end_to_end_on_real_tiles(real_mini, tmp_path):
     assert res["tile_checks"]["resized"]["count"] == 48  # 224 px tiles into a 64 px encoder, counted
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["encoder"] == TINY and cfg["probe"]["heads"] == ["linear", "attention"]
-    assert cfg["encoder_info"]["random_init"] is True
+    assert cfg["encoder_info"]["random_init"] is True and cfg["device"] == "cpu"
     # a second run reuses the cache (no re-extraction) and gives the same numbers
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0 and "extracted" not in r2.output

@@ -331,7 +331,7 @@ def check_tiles(
             stacklevel=2,
         )
     out = table.subset(keep) if bad else table
-    if len(set(out.df["label"])) < 2:
+    if bad and len(set(out.df["label"])) < 2:
         raise ValueError(f"After leaving out bad tiles, {table.label_file} has fewer than two classes.")
     return out, report
 

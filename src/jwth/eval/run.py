@@ -91,9 +91,9 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         "jwth_version": jwth.__version__,
         "torch_version": str(torch.__version__),
         "platform": platform.platform(),
+        **_asdict(cfg),
         "device": str(device),
         "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
-        **_asdict(cfg),
         "cache": str(cache_dir),
         "encoder_info": encoder.describe(),
         "data_notes": table.notes,
@@ -136,8 +136,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
 def _asdict(cfg: RunConfig) -> dict:
     from dataclasses import asdict
 
-    d = asdict(cfg)
-    return d
+    return asdict(cfg)
 
 
 __all__ = ["RunConfig", "probe_run"]
