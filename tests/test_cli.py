@@ -4,7 +4,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from jwth_testutils import TINY
+from jwth_testutils import TINY, write_tiles
 from jwth.cli import app
 
 runner = CliRunner()
@@ -62,3 +62,23 @@ def test_probe_missing_data(tmp_path):
 def test_encoders_listing():
     r = runner.invoke(app, ["encoders"])
     assert r.exit_code == 0 and "uni2-h" in r.output and "registers=8" in r.output
+
+
+def test_reused_cache_follows_the_current_patient_column(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=12, per_patient=2)
+    base = ["probe", "--data", str(data), "--encoder", TINY, "--cache", str(tmp_path / "cache"), "--folds", "2",
+            "--n-boot", "20", "--epochs", "1", "--num-workers", "0", "--heads", "linear"]
+    r1 = runner.invoke(app, base + ["--out", str(tmp_path / "a"), "--patient-col", "none"])
+    assert r1.exit_code == 0, r1.output
+    r2 = runner.invoke(app, base + ["--out", str(tmp_path / "b"), "--patient-col", "patient_id"])
+    assert r2.exit_code == 0, r2.output
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["n_patients"] == 24 and b["n_patients"] == 12  # same cache, grouping from the current options
+
+
+def test_impossible_split_fails_before_any_extraction(synth, tmp_path):
+    r = runner.invoke(app, ["probe", "--data", str(synth), "--encoder", TINY, "--out", str(tmp_path / "o"),
+                            "--folds", "5", "--num-workers", "0"])
+    assert r.exit_code == 2 and "Too few patients per class" in r.output and "'A': 3" in r.output
+    assert not (tmp_path / "o" / "cache").exists()

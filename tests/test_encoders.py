@@ -101,3 +101,14 @@ def test_hub_spec_loads_offline_from_local_hf_cache(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OK 64" in r.stdout
     assert "UNCACHED True" in r.stdout
+
+
+def test_released_checkpoint_name_resolves(tmp_path, monkeypatch):
+    import jwth.encoders as encoders
+
+    enc = load_encoder(TINY)
+    save_encoder_checkpoint(enc.model, tmp_path / "tiny-test", "vit_tiny_patch16_224", {"img_size": 64}, input_size=64)
+    monkeypatch.setattr(encoders, "CHECKPOINT_DIR", tmp_path)
+    assert encoders.released_checkpoints() == ["tiny-test"]
+    back = load_encoder("jwth:tiny-test")
+    assert back.spec == "jwth:tiny-test" and not back.random_init and back.input_size == 64

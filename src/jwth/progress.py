@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from typing import Iterator
 
 from rich.text import Text
@@ -40,11 +42,36 @@ class _Bar:
             self._p.advance(self._t, n)
 
 
+class _LineBar:
+    """Progress as plain lines (every 10 % or 60 s) when output is not a terminal (logs, CI)."""
+
+    def __init__(self, description: str, total: int, unit: str) -> None:
+        self.description, self.total, self.unit = description, max(total, 1), unit
+        self.done, self.t0 = 0, time.time()
+        self.last_t, self.last_frac = self.t0, 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now, frac = time.time(), self.done / self.total
+        if frac - self.last_frac >= 0.1 or now - self.last_t >= 60 or self.done >= self.total:
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(
+                f"{self.description}: {self.done}/{self.total} {self.unit} ({100 * frac:.0f} %, "
+                f"{rate:.1f} {self.unit}/s, elapsed {now - self.t0:.0f} s, eta {eta:.0f} s)",
+                flush=True,
+            )
+            self.last_t, self.last_frac = now, frac
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, unit: str = "it", disable: bool = False) -> Iterator[_Bar]:
     """A rich progress bar showing count, rate (``unit``/s), elapsed time and ETA."""
     if disable:
         yield _Bar(None, None)
+        return
+    if not sys.stdout.isatty():
+        yield _LineBar(description, total, unit)
         return
     cols = [
         TextColumn("[bold]{task.description}"),

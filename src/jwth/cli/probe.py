@@ -52,6 +52,9 @@ def extract(
             enc, table, cache, batch_size=batch_size, num_workers=num_workers, precision=precision,
             store_patches=not no_patches, skip_bad_tiles=skip_bad_tiles,
         )
+    except KeyboardInterrupt:
+        typer.secho(f"\ninterrupted: finished tiles are saved in {cache}; rerun the same command to resume.", err=True)
+        raise typer.Exit(code=130)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     typer.echo(f"cache {cache}: {c.n_tiles} tiles, D={c.embed_dim}, grid={c.grid}, {c.nbytes_per_tile} bytes/tile")

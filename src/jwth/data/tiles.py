@@ -157,10 +157,12 @@ def read_labels(
         else:
             df["patient_id"] = df["path"]
             notes["patient_source"] = "none (each tile its own patient)"
+            group_cols = [c for c in raw.columns if c.lower() in ("slide_id", "slide", "case_id", "case", "patient")]
+            hint = f" or pass --patient-col {group_cols[0]} to group by that column" if group_cols else ""
             warnings.warn(
                 f"{lf}: no patient column ({patient_col!r}) and no TCGA barcode in the paths; "
                 "each tile is treated as its own patient, so splits are tile-level and "
-                "tiles of one patient may leak across splits. Add a patient_id column.",
+                f"tiles of one patient or slide may leak across splits. Add a patient_id column{hint}.",
                 stacklevel=2,
             )
     per_patient = df.groupby("patient_id")["label"].nunique()

@@ -84,7 +84,8 @@ def _load_timm(name: str, kwargs: dict[str, Any], spec: str) -> Encoder:
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"Unknown timm model {name!r} in encoder spec {spec!r}. Similar: {close}")
+        hint = f" Similar: {close}." if close else " List them with timm.list_models('vit_*')."
+        raise ValueError(f"Unknown timm model {name!r} in encoder spec {spec!r}.{hint}")
     mean = kwargs.pop("mean", None)
     std = kwargs.pop("std", None)
     mpp = kwargs.pop("mpp", None)

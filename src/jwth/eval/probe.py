@@ -97,8 +97,39 @@ def _summaries(y, prob, patients, n_boot, seed):
     return out
 
 
-def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> ProbeOutput:
+def make_splits(y: np.ndarray, patients: np.ndarray, sites: np.ndarray, cfg: ProbeConfig, classes: list[str]):
+    """The outer splits of ``cfg`` and each one's inner (fit, validation) split.
+
+    Cheap: ``jwth probe`` calls it before extraction so that an impossible split fails
+    before any token is computed.
+
+    Returns:
+        list of (train_idx, test_idx, fit_idx, val_idx).
+
+    Raises:
+        ValueError: unknown split kind, missing/unknown test sites, too few patients.
+    """
+    if cfg.split == "patient":
+        outer = patient_folds(y, patients, cfg.folds, cfg.train.seed, class_names=classes)
+    elif cfg.split == "site":
+        if not cfg.test_sites:
+            raise ValueError("--split site needs --test-sites (comma-separated site codes).")
+        outer = site_split(y, patients, sites, cfg.test_sites)
+    else:
+        raise ValueError(f"Unknown split {cfg.split!r}; choose patient or site.")
+    out = []
+    for k, (tr, te) in enumerate(outer):
+        fit, val = inner_split(y, patients, tr, seed=cfg.train.seed + k, class_names=classes)
+        out.append((tr, te, fit, val))
+    return out
+
+
+def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=None, classes=None) -> ProbeOutput:
     """Run the protocol on a complete token cache.
+
+    Labels, patients and sites come from ``tiles`` (a table aligned with the cache rows,
+    from the current label file and column options) when given, else from the table
+    stored with the cache.
 
     Returns:
         :class:`ProbeOutput` with the results dict (schema in docs/results-schema.md),
@@ -110,8 +141,9 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> Probe
             without patch tokens for heads that need them.
     """
     heads = parse_heads(cfg.heads)
-    tiles = cache.tiles
-    classes: list[str] = list(cache.manifest.get("classes") or sorted(tiles["label"].unique()))
+    tiles = cache.tiles if tiles is None else tiles
+    if classes is None:
+        classes = list(cache.manifest.get("classes") or sorted(tiles["label"].unique()))
     lookup = {c: i for i, c in enumerate(classes)}
     y = tiles["label"].map(lookup).to_numpy(np.int64)
     patients = tiles["patient_id"].to_numpy()
@@ -127,14 +159,7 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> Probe
     feats = load_features(cache, kinds)
     load_s = time.time() - t0
 
-    if cfg.split == "patient":
-        splits = patient_folds(y, patients, cfg.folds, cfg.train.seed)
-    elif cfg.split == "site":
-        if not cfg.test_sites:
-            raise ValueError("--split site needs --test-sites (comma-separated site codes).")
-        splits = site_split(y, patients, sites, cfg.test_sites)
-    else:
-        raise ValueError(f"Unknown split {cfg.split!r}; choose patient or site.")
+    splits = make_splits(y, patients, sites, cfg, classes)
 
     T, N = cache.n_tiles, int(cache.manifest.get("num_patches", 0))
     oof = {h: np.full((T, C), np.nan) for h in heads}
@@ -144,8 +169,7 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False) -> Probe
     test_mask = np.zeros(T, dtype=bool)
     D = cache.embed_dim
     with progress_bar("train heads", total=len(splits) * len(heads), unit="heads", disable=quiet) as bar:
-        for k, (tr, te) in enumerate(splits):
-            fit_idx, val_idx = inner_split(y, patients, tr, seed=cfg.train.seed + k)
+        for k, (tr, te, fit_idx, val_idx) in enumerate(splits):
             test_mask[te] = True
             for h in heads:
                 t1 = time.time()

@@ -153,7 +153,7 @@ def plot_attention(
     n = len(chosen)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.4 * 2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.4 * 2 * cols, 2.9 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k, (i, c) in enumerate(chosen):
@@ -167,8 +167,11 @@ def plot_attention(
             a, cmap="inferno", alpha=0.55, extent=(0, img.size[0], img.size[1], 0), interpolation="bilinear"
         )
         axes[r, 2 * cc + 1].set_title(f"attention (max {a.max():.3f})", fontsize=8)
-    fig.suptitle("Class-token attention over patch tokens (JWTH head, mean over heads)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(
+        "Class-token attention over patch tokens (JWTH head, mean over heads); per class, the test tiles "
+        "predicted most confidently", fontsize=10,
+    )
+    fig.tight_layout(h_pad=1.5)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [tiles["path"].iloc[i] for i, _ in chosen]

@@ -16,7 +16,7 @@ from jwth.data.tiles import read_labels
 from jwth.device import resolve_device, resolve_precision
 from jwth.encoders import load_encoder
 from jwth.eval import report
-from jwth.eval.probe import ProbeConfig, run_probe
+from jwth.eval.probe import ProbeConfig, make_splits, run_probe
 from jwth.heads import parse_heads
 
 
@@ -72,6 +72,8 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         None if (cfg.patient_col or "").lower() in ("", "none") else cfg.patient_col,
         cfg.site_col, cfg.classes,
     )
+    # an impossible split fails here, before any token is computed
+    make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe, table.classes)
     device = resolve_device(cfg.device)
     encoder = load_encoder(cfg.encoder, device=device)
     if encoder.random_init and not quiet:
@@ -100,9 +102,12 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     }
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     try:
-        po = run_probe(cache, cfg.probe, quiet=quiet)
+        # labels, patients and sites from the current label file and options, aligned with the
+        # cache rows (a cache holds tokens; it never decides how tiles are grouped)
+        tiles = cache.tiles[["path"]].merge(table.df, on="path", how="left", validate="one_to_one")
+        po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes)
         classes = po.results["classes"]
-        pos = _positive_index(classes, cache.tiles, cfg.probe.positive_class)
+        pos = _positive_index(classes, tiles, cfg.probe.positive_class)
         res = {
             "dataset": table.root.name,
             "data": str(cfg.data),
@@ -114,7 +119,6 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         res["timing_seconds"]["extract"] = round(extract_s, 2)
         report.write_json(out / "results.json", res)
         report.write_markdown(out / "results.md", res)
-        tiles = cache.tiles
         y = tiles["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         m = po.test_mask
         report.write_predictions(out / "predictions.csv", tiles, classes, po.oof_prob, m)

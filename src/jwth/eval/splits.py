@@ -34,8 +34,17 @@ def _check_classes(labels: np.ndarray, idx: np.ndarray, what: str) -> None:
         )
 
 
+def _per_class_patients(labels: np.ndarray, patients: np.ndarray, class_names: Sequence[str] | None) -> dict:
+    name = (lambda c: class_names[int(c)]) if class_names is not None else (lambda c: int(c))
+    return {name(c): len(set(patients[labels == c])) for c in np.unique(labels)}
+
+
 def patient_folds(
-    labels: Sequence[int], patients: Sequence[str], n_splits: int = 5, seed: int = 0
+    labels: Sequence[int],
+    patients: Sequence[str],
+    n_splits: int = 5,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold over patients.
 
@@ -54,12 +63,11 @@ def patient_folds(
     """
     labels = np.asarray(labels)
     patients = np.asarray(patients)
-    per_class = {c: len(set(patients[labels == c])) for c in np.unique(labels)}
+    per_class = _per_class_patients(labels, patients, class_names)
     if min(per_class.values()) < n_splits:
-        raise ValueError(
-            f"Too few patients per class for {n_splits}-fold CV: {per_class}. Use --folds "
-            f"{max(2, min(per_class.values()))} or fewer."
-        )
+        few = min(per_class.values())
+        fix = f"use --folds {few} or fewer" if few >= 2 else "remove that class or add patients of it"
+        raise ValueError(f"Too few patients per class for {n_splits}-fold CV (patients per class: {per_class}): {fix}.")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = []
     for tr, te in sgkf.split(np.zeros(len(labels)), labels, groups=patients):
@@ -92,7 +100,12 @@ def site_split(
 
 
 def inner_split(
-    labels: Sequence[int], patients: Sequence[str], idx: np.ndarray, val_fraction: float = 0.2, seed: int = 0
+    labels: Sequence[int],
+    patients: Sequence[str],
+    idx: np.ndarray,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split training tiles ``idx`` into fit and validation sets by patient.
 
@@ -107,9 +120,13 @@ def inner_split(
     labels, patients, idx = np.asarray(labels), np.asarray(patients), np.asarray(idx)
     k = max(2, int(round(1.0 / val_fraction)))
     sub_labels, sub_pat = labels[idx], patients[idx]
-    per_class = {c: len(set(sub_pat[sub_labels == c])) for c in np.unique(sub_labels)}
+    per_class = _per_class_patients(sub_labels, sub_pat, class_names)
     if min(per_class.values()) < 2:
-        raise ValueError(f"Too few training patients per class for an inner validation split: {per_class}.")
+        raise ValueError(
+            f"Too few training patients per class for the inner validation split that chooses lr / weight "
+            f"decay (training patients per class: {per_class}); each class needs >= 2 training patients: "
+            "fewer folds, other --test-sites, or more patients of that class."
+        )
     k = min(k, min(per_class.values()))
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + 1)
     fit, val = next(sgkf.split(np.zeros(len(idx)), sub_labels, groups=sub_pat))
