@@ -94,7 +94,7 @@ def extract_slides_cmd(
     out: Path = typer.Option(Path("runs/slides"), "--out", help="Output folder (features/<slide>.h5, previews/, "
                                                              "status.jsonl, tile_errors.csv)."),
     encoder: str = typer.Option("timm:vit_small_patch16_224", help="Encoder spec (see `jwth encoders`)."),
-    embedding: str = typer.Option("cls", help="Tile embedding: cls, jwth ([cls, attention-pooled patches]) "
+    embedding: str = typer.Option("cls", help="Tile embedding: cls, jwth (class token concatenated with the attention-pooled patch tokens) "
                                               "or cls+mean."),
     save_patch_tokens: bool = typer.Option(False, help="Also store patch tokens (N, P, D) float16."),
     target_mpp: Optional[float] = typer.Option(None, help="Tile um/px (default: the encoder's mpp, else 0.5)."),
@@ -194,7 +194,7 @@ def heatmap_cmd(
     scores: Optional[Path] = typer.Option(None, help="Or a csv with x, y, score per tile."),
     what: str = typer.Option("attention", help="attention or prob (tile predictions) with --model."),
     out: Path = typer.Option(Path("runs/heatmap.png"), "--out", help="Output PNG."),
-    mpp: Optional[float] = typer.Option(None, help="Unused for drawing; accepted for symmetry."),
+    mpp: Optional[float] = typer.Option(None, help="um/px passed to the slide reader; drawing needs none, coordinates are level-0 px."),
 ) -> None:
     """Draw MIL attention (or tile predictions, or given scores) over the slide thumbnail."""
     import numpy as np
