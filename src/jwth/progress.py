@@ -58,7 +58,7 @@ class _LineBar:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             print(
                 f"{self.description}: {self.done}/{self.total} {self.unit} ({100 * frac:.0f} %, "
-                f"{rate:.1f} {self.unit}/s, elapsed {now - self.t0:.0f} s, eta {eta:.0f} s)",
+                f"{rate:.3g} {self.unit}/s, elapsed {now - self.t0:.0f} s, eta {eta:.0f} s)",
                 flush=True,
             )
             self.last_t, self.last_frac = now, frac
