@@ -58,6 +58,7 @@ def test_resume_after_interrupt_recomputes_nothing(tmp_path):
     assert cache.tiles["path"].tolist() == table.df["path"].tolist()
     # reading in any order returns rows in that order
     np.testing.assert_array_equal(cache.read_cls([5, 2, 5])[0], ref.read_cls([5])[0])
+    np.testing.assert_array_equal(cache.read_patches_f16([5, 2]).astype(np.float32), ref.read_patches([5, 2]))
 
 
 def test_tokens_stored_fp16_match_encoder(tmp_path):

@@ -49,13 +49,16 @@ class Features:
     patches: torch.Tensor | None = None
     patches_normalized: torch.Tensor | None = None
 
-    def batch(self, idx: np.ndarray, kind: str | None = "raw") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(cls (b, D), tokens (b, N, D) float32 or None) for tiles ``idx``; kind: None, raw, normalized."""
-        i = torch.as_tensor(idx)
-        src = {None: None, "raw": self.patches, "normalized": self.patches_normalized}[kind]
-        if kind is not None and src is None:
+    def tokens(self, idx: np.ndarray, kind: str) -> torch.Tensor:
+        """Patch tokens of tiles ``idx`` as float32, (b, N, D); kind: ``raw`` or ``normalized``.
+
+        Raises:
+            ValueError: these features hold no tokens of that kind.
+        """
+        src = {"raw": self.patches, "normalized": self.patches_normalized}[kind]
+        if src is None:
             raise ValueError(f"These features hold no {kind} patch tokens.")
-        return self.cls[i], (src[i].float() if src is not None else None)
+        return src[torch.as_tensor(idx)].float()
 
 
 def _logits(head: nn.Module, cls: torch.Tensor, tokens: dict) -> torch.Tensor:
@@ -68,8 +71,7 @@ def _logits(head: nn.Module, cls: torch.Tensor, tokens: dict) -> torch.Tensor:
 def _gather(heads: list[nn.Module], feats: Features, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
     """One gather per token kind the heads read: (cls (b, D), {kind: tokens (b, N, D)})."""
     kinds = {getattr(h, "token_input", "raw") for h in heads} - {None}
-    cls = feats.cls[torch.as_tensor(idx)]
-    return cls, {k: feats.batch(idx, k)[1] for k in kinds}
+    return feats.cls[torch.as_tensor(idx)], {k: feats.tokens(idx, k) for k in kinds}
 
 
 def head_logits(head: nn.Module, feats: Features, idx: np.ndarray) -> torch.Tensor:
