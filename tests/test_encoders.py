@@ -112,3 +112,25 @@ def test_released_checkpoint_name_resolves(tmp_path, monkeypatch):
     assert encoders.released_checkpoints() == ["tiny-test"]
     back = load_encoder("jwth:tiny-test")
     assert back.spec == "jwth:tiny-test" and not back.random_init and back.input_size == 64
+
+
+def test_checkpoint_loads_at_another_input_size(tmp_path):
+    """A checkpoint trained at 32 px (2x2 grid) evaluated at 64 px (4x4): position embedding resampled."""
+    import json
+
+    enc = load_encoder("timm:vit_tiny_patch16_224?img_size=32")
+    c = torch.linspace(-1, 1, 192)
+    with torch.no_grad():
+        enc.model.pos_embed[:, 1:] = c  # the same vector at all 4 grid positions
+    folder = save_encoder_checkpoint(enc.model, tmp_path / "ck", "vit_tiny_patch16_224", {"img_size": 32},
+                                     input_size=32, dtype=torch.float32)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"]["img_size"] = 64
+    cfg["pretrained_cfg"]["input_size"] = [3, 64, 64]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    big = load_encoder(str(folder))
+    assert big.input_size == 64 and big(torch.randn(1, 3, 64, 64)).patches.shape == (1, 16, 192)
+    old, new = enc.model.pos_embed.detach(), big.model.pos_embed.detach()
+    assert torch.equal(new[:, 0], old[:, 0])  # class-token position untouched
+    # interpolating a constant grid gives the constant at all 16 positions (a fresh init would not)
+    assert new.shape == (1, 17, 192) and torch.allclose(new[0, 1:], c.expand(16, 192), atol=1e-5)

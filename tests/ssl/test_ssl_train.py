@@ -44,7 +44,7 @@ def test_resume_gives_the_same_trajectory(synthetic_tiles, tiny_overrides, tmp_p
         if k.startswith("teacher/"):
             assert torch.allclose(ta[k], tb[k], atol=1e-6), k
     # resolved config saved; the exported encoder loads
-    assert (tmp_path / "full" / "config.yaml").is_file()
+    assert (tmp_path / "full" / "config.yaml").is_file() and (tmp_path / "full" / "losses.png").is_file()
     from jwth.encoders import load_encoder
 
     enc = load_encoder(str(tmp_path / "full" / "encoder"))

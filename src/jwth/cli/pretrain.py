@@ -93,6 +93,22 @@ def diagnose_cmd(
     typer.echo(f"wrote {out}/metrics.json, gram_spectrum.png, pca_maps.png")
 
 
+@app.command("plot-losses")
+def plot_losses_cmd(
+    runs: List[Path] = typer.Argument(..., help="Run folders in training order (e.g. pretrain run, then posttrain run)."),
+    out: Path = typer.Option(..., "--out", help="Output PNG."),
+    smooth: int = typer.Option(20, help="Moving-average window in steps."),
+) -> None:
+    """Loss curves, schedules and collapse monitors of pretraining / post-training runs as a PNG."""
+    from jwth.ssl.curves import plot_losses
+
+    try:
+        plot_losses(list(runs), out, smooth=smooth)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
 @app.command("augment-preview")
 def augment_preview_cmd(
     data: Path = typer.Option(..., "--data", help="Folder of tiles."),

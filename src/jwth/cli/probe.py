@@ -1,4 +1,4 @@
-"""`jwth extract`, `jwth probe`, `jwth demo`, `jwth encoders`, `jwth env`."""
+"""`jwth extract`, `jwth probe`, `jwth demo`, `jwth compare`, `jwth encoders`, `jwth env`."""
 
 from __future__ import annotations
 
@@ -156,6 +156,33 @@ def demo(
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     typer.echo(f"demo finished in {time.time() - t0:.0f} s")
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="Probe run folder A (e.g. the pretrained encoder)."),
+    run_b: Path = typer.Argument(..., help="Probe run folder B (e.g. the random-init baseline)."),
+    heads: str = typer.Option(None, help="Comma-separated heads (default: all heads in both runs)."),
+    metric: str = typer.Option("bacc", help="bacc, f1_macro or auroc."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples."),
+    seed: int = typer.Option(0, help="Resampling seed."),
+    out: Path = typer.Option(None, "--out", help="Write compare.json and compare.md here."),
+) -> None:
+    """Paired patient-level bootstrap of run A minus run B, per head (same tiles, same labels)."""
+    from jwth.eval.compare import compare_runs, comparison_table
+    from jwth.eval.report import write_json
+
+    try:
+        cmp = compare_runs(run_a, run_b, _csv(heads) or None, metric, n_boot, seed)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    table = comparison_table(cmp)
+    typer.echo(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "compare.json", cmp)
+        (out / "compare.md").write_text(table + "\n")
+        typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
 @app.command()

@@ -29,6 +29,20 @@ def _status_table(records: list[dict], title: str) -> Table:
     return t
 
 
+#: exit codes of `jwth tile` / `jwth extract-slides`: every slide failed, or only some did
+EXIT_ALL_FAILED, EXIT_SOME_FAILED = 1, 3
+
+
+def _exit_on_failures(records: list[dict], out: Path) -> None:
+    """Exit 1 if every slide failed, 3 if some did (finished slides are kept either way)."""
+    failed = [r for r in records if r["status"] == "failed"]
+    if not failed:
+        return
+    console.print(f"[red]{len(failed)} of {len(records)} slide(s) failed[/]; reasons in {out / 'status.jsonl'}. "
+                  "Finished slides are kept: fix the cause (e.g. --mpp) and re-run the same command.")
+    raise typer.Exit(EXIT_ALL_FAILED if len(failed) == len(records) else EXIT_SOME_FAILED)
+
+
 @app.command("tile")
 def tile_cmd(
     slides: List[Path] = typer.Argument(..., help="Slide files, folders of slides, or .csv/.txt slide lists."),
@@ -84,8 +98,7 @@ def tile_cmd(
             records.append(rec)
             bar.advance()
     console.print(_status_table(records, f"jwth tile -> {out}"))
-    if records and all(r["status"] == "failed" for r in records):
-        raise typer.Exit(1)
+    _exit_on_failures(records, out)
 
 
 @app.command("extract-slides")
@@ -93,7 +106,7 @@ def extract_slides_cmd(
     slides: List[Path] = typer.Argument(..., help="Slide files, folders of slides, or .csv/.txt slide lists."),
     out: Path = typer.Option(Path("runs/slides"), "--out", help="Output folder (features/<slide>.h5, previews/, "
                                                              "status.jsonl, tile_errors.csv)."),
-    encoder: str = typer.Option("timm:vit_small_patch16_224", help="Encoder spec (see `jwth encoders`)."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder spec (default: the project's default encoder; see `jwth encoders`)."),
     embedding: str = typer.Option("cls", help="Tile embedding: cls, jwth (class token concatenated with the attention-pooled patch tokens) "
                                               "or cls+mean."),
     save_patch_tokens: bool = typer.Option(False, help="Also store patch tokens (N, P, D) float16."),
@@ -117,7 +130,7 @@ def extract_slides_cmd(
     import os
 
     from jwth.device import resolve_device
-    from jwth.encoders import load_encoder
+    from jwth.encoders import DEFAULT_ENCODER, load_encoder
     from jwth.progress import progress_bar
     from jwth.wsi.extract import extract_slides, find_slides, shard
 
@@ -127,7 +140,7 @@ def extract_slides_cmd(
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dev = resolve_device(device)
-    enc = load_encoder(encoder, device=dev)
+    enc = load_encoder(encoder or DEFAULT_ENCODER, device=dev)
     paths = find_slides(slides)
     mine = shard(paths)
     with progress_bar(f"extracting slides ({enc.spec}, {embedding})", len(mine), unit="slide") as bar:
@@ -136,11 +149,7 @@ def extract_slides_cmd(
             target_mpp=target_mpp, tile_size=tile_size, embedding=embedding, save_patch_tokens=save_patch_tokens,
             min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision)
     console.print(_status_table(records, f"jwth extract-slides -> {out / 'features'}"))
-    failed = [r for r in records if r["status"] == "failed"]
-    if failed:
-        console.print(f"[red]{len(failed)} slide(s) failed[/]; details in {out / 'status.jsonl'}")
-    if records and len(failed) == len(records):
-        raise typer.Exit(1)
+    _exit_on_failures(records, out)
 
 
 @app.command("mil")

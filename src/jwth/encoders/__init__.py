@@ -163,6 +163,30 @@ def _load_transformers(entry: RegistryEntry, spec: str) -> Encoder:
     )
 
 
+def _resample_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Bicubically resample a checkpoint's absolute position embedding to the model's grid.
+
+    A checkpoint trained at 112 px (7x7 patches) loaded with ``img_size: 224`` in its
+    config (14x14) gets its position embedding interpolated, as timm does for pretrained
+    weights (``timm.layers.resample_abs_pos_embed``); class and register positions are kept.
+    """
+    pe = state.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pe is None or target is None or pe.shape == target.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    new_grid = list(model.patch_embed.grid_size)
+    old_n = pe.shape[1] - prefix
+    old_side = int(round(old_n**0.5))
+    if old_side * old_side != old_n:
+        return state  # not a square grid: let load_state_dict report the mismatch
+    out = dict(state)
+    out["pos_embed"] = resample_abs_pos_embed(pe.float(), new_grid, [old_side, old_side], num_prefix_tokens=prefix).to(pe.dtype)
+    return out
+
+
 def _load_local(path: Path, spec: str) -> Encoder:
     import timm
     from safetensors.torch import load_file
@@ -187,6 +211,7 @@ def _load_local(path: Path, spec: str) -> Encoder:
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
     state = load_file(str(weights))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = _resample_pos_embed(state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:

@@ -689,7 +689,8 @@ def train(
     done = step + 1 if stop > start else start
     enc_dir = None
     if di.is_main:
-        enc_dir = export_encoder(teacher, cfg, arch, model_args, out / "encoder", steps=done)
+        enc_dir = export_encoder(teacher, cfg, arch, model_args, out / "encoder", steps=done, phase=phase)
+        _write_loss_plot(out)
     if tb is not None:
         tb.close()
     if di.world_size > 1:
@@ -697,8 +698,19 @@ def train(
     return RunResult(out, done, total, final_loss, enc_dir, rows, collapse_msgs)
 
 
+def _write_loss_plot(out: Path) -> None:
+    """``losses.png`` beside ``losses.csv``; a plotting failure never fails a finished run."""
+    from jwth.ssl.curves import plot_losses
+
+    try:
+        plot_losses([out], out / "losses.png")
+    except Exception as e:  # noqa: BLE001 - matplotlib/back-end problems are not training errors
+        log.warning("Could not draw %s/losses.png (%s); `jwth plot-losses %s` retries.", out, e, out)
+
+
 def export_encoder(
-    net: SSLNetwork, cfg: dict, arch: str, model_args: dict, out_dir: Path, steps: int, dtype: torch.dtype = torch.float16
+    net: SSLNetwork, cfg: dict, arch: str, model_args: dict, out_dir: Path, steps: int, dtype: torch.dtype = torch.float16,
+    phase: str = "pretrain",
 ) -> Path:
     """Write the teacher backbone as a checkpoint folder for ``load_encoder(out_dir)``."""
     from jwth.encoders import save_encoder_checkpoint
@@ -713,5 +725,5 @@ def export_encoder(
         input_size=int(cfg["crops"]["global_crops_size"]),
         mpp=cfg["model"].get("mpp"),
         dtype=dtype,
-        extra={"trained_steps": steps, "source": "jwth pretrain (teacher backbone)"},
+        extra={"trained_steps": steps, "source": f"jwth {phase} (EMA teacher backbone)"},
     )
