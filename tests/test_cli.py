@@ -82,3 +82,22 @@ def test_impossible_split_fails_before_any_extraction(synth, tmp_path):
                             "--folds", "5", "--num-workers", "0"])
     assert r.exit_code == 2 and "Too few patients per class" in r.output and "'A': 3" in r.output
     assert not (tmp_path / "o" / "cache").exists()
+
+
+def test_missing_tile_is_an_error_unless_skipped(tmp_path):
+    """A deleted tile stops the run naming the file; --skip-bad-tiles leaves it out and records it."""
+    data = write_tiles(tmp_path / "d", n_patients=8, per_patient=2)
+    (data / "p0_t1.png").unlink()
+    base = ["probe", "--data", str(data), "--encoder", TINY, "--folds", "2", "--n-boot", "20", "--epochs", "1",
+            "--num-workers", "0", "--heads", "linear"]
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "p0_t1.png" in r.output and not (tmp_path / "a" / "results.json").exists()
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "b"), "--skip-bad-tiles"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["n_tiles"] == 15
+    skipped = res["tile_checks"]["skipped"]
+    assert [s["path"] for s in skipped] == ["p0_t1.png"] and "does not exist" in skipped[0]["error"]
+    r = runner.invoke(app, ["extract", "--data", str(data), "--encoder", TINY, "--cache", str(tmp_path / "c"),
+                            "--num-workers", "0", "--skip-bad-tiles"])
+    assert r.exit_code == 0 and "15 tiles" in r.output, r.output

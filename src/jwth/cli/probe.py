@@ -46,7 +46,8 @@ def extract(
     from jwth.encoders import DEFAULT_ENCODER, load_encoder
 
     try:
-        table = read_labels(data, labels, path_col, label_col, None if patient_col.lower() == "none" else patient_col)
+        table = read_labels(data, labels, path_col, label_col, None if patient_col.lower() == "none" else patient_col,
+                            check_files=not skip_bad_tiles)
         enc = load_encoder(encoder or DEFAULT_ENCODER, device=resolve_device(device))
         c = extract_tokens(
             enc, table, cache, batch_size=batch_size, num_workers=num_workers, precision=precision,

@@ -87,7 +87,8 @@ def read_labels(
         site_col: site column; default: the first of site/tss/center/centre present,
             else the TCGA tissue-source site from the patient barcode, else unknown.
         classes: the allowed classes; a label outside them is an error.
-        check_files: raise when a listed tile file does not exist.
+        check_files: raise when a listed tile file does not exist (callers that skip bad
+            tiles pass ``False``: :func:`check_tiles` then records missing files as skipped).
 
     Returns:
         A :class:`TileTable`.

@@ -71,6 +71,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         cfg.data, cfg.labels, cfg.path_col, cfg.label_col,
         None if (cfg.patient_col or "").lower() in ("", "none") else cfg.patient_col,
         cfg.site_col, cfg.classes,
+        check_files=not cfg.skip_bad_tiles,  # with --skip-bad-tiles a missing file is skipped and recorded
     )
     # an impossible split fails here, before any token is computed
     make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe, table.classes)
