@@ -126,3 +126,17 @@ def test_collapse_detector():
     healthy = torch.softmax(torch.randn(b, k) * 5, -1)
     st = collapse_stats(healthy, torch.randn(b, 8))
     assert collapse_reason(st, b) is None
+
+
+def test_every_shipped_config_resolves():
+    """Packaged recipes only use known keys (load_config raises ConfigError otherwise)."""
+    from pathlib import Path
+
+    import jwth
+    from jwth.ssl.config import load_config
+
+    files = sorted((Path(jwth.__file__).parent / "configs").glob("pretrain_*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(f)
+        assert cfg["optim"]["batch_size"] > 0 and cfg["model"]["arch"].startswith("vit_"), f
