@@ -98,6 +98,7 @@ def test_missing_tile_is_an_error_unless_skipped(tmp_path):
     assert res["n_tiles"] == 15
     skipped = res["tile_checks"]["skipped"]
     assert [s["path"] for s in skipped] == ["p0_t1.png"] and "does not exist" in skipped[0]["error"]
+    assert "1 tile(s) left out by --skip-bad-tiles" in r.output
     r = runner.invoke(app, ["extract", "--data", str(data), "--encoder", TINY, "--cache", str(tmp_path / "c"),
                             "--num-workers", "0", "--skip-bad-tiles"])
     assert r.exit_code == 0 and "15 tiles" in r.output, r.output

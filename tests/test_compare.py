@@ -79,9 +79,32 @@ def test_mismatched_runs_are_refused(cohort, tmp_path):
     with pytest.raises(ValueError, match="share no head"):
         compare_runs(a, only_mean)
     with pytest.raises(ValueError, match="not in both runs"):
-        compare_runs(a, a, heads=["mean"])
+        compare_runs(a, _run(tmp_path / "e", truth, labels, patients), heads=["mean"])
     with pytest.raises(FileNotFoundError, match="not a finished probe run"):
         compare_runs(a, tmp_path / "missing")
+    with pytest.raises(ValueError, match="same folder"):
+        compare_runs(a, a)
+    with pytest.raises(ValueError, match="at least 10 resamples"):
+        compare_runs(a, only_mean, n_boot=0)
+
+
+def test_damaged_run_files_are_named(cohort, tmp_path):
+    labels, patients, truth, rng = cohort
+    a = _run(tmp_path / "a", truth, labels, patients)
+    b = _run(tmp_path / "b", truth, labels, patients)
+    df = pd.read_csv(b / "predictions.csv").drop(columns=["prob_linear_MSS"])
+    df.to_csv(b / "predictions.csv", index=False)
+    # a head with a class column missing is not comparable; the other head still is
+    assert set(compare_runs(a, b, n_boot=20)["heads"]) == {"attention"}
+    (b / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="results.json.*classes"):
+        compare_runs(a, b)
+    (b / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="results.json"):
+        compare_runs(a, b)
+    (b / "predictions.csv").write_text("")
+    with pytest.raises(ValueError, match="predictions.csv cannot be read"):
+        compare_runs(a, b)
 
 
 def test_cli_writes_json_and_markdown(cohort, tmp_path):

@@ -23,6 +23,17 @@ def test_read_losses_keeps_last_write_of_a_repeated_step(tmp_path):
     assert df["step"].tolist() == [0, 1, 2, 3] and df["loss"].tolist() == [5.0, 4.5, 3.5, 2.0]
     with pytest.raises(FileNotFoundError, match="losses.csv"):
         read_losses(tmp_path / "nothing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "losses.csv").write_text("")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_losses(bad)
+    (bad / "losses.csv").write_text("step,loss\n")
+    with pytest.raises(ValueError, match="no rows"):
+        read_losses(bad)
+    (bad / "losses.csv").write_text("step,loss\n0,1.5\n1,abc\n")
+    with pytest.raises(ValueError, match="non-numeric value in data row 2"):
+        read_losses(bad)
 
 
 def test_smoothing_is_a_trailing_moving_average():

@@ -93,6 +93,11 @@ def _probe(
             "are a pipeline check of an untrained network, not a foundation model's performance.",
             fg=typer.colors.YELLOW,
         )
+    skipped = (res.get("tile_checks") or {}).get("skipped") or []
+    if skipped:
+        shown = ", ".join(str(s_["path"]) for s_ in skipped[:5])
+        typer.secho(f"\n{len(skipped)} tile(s) left out by --skip-bad-tiles (listed in results.json "
+                    f"tile_checks.skipped): {shown}{' ...' if len(skipped) > 5 else ''}", fg=typer.colors.YELLOW)
     typer.echo(f"\nrun folder: {out} (results.json, results.md, config.yaml, predictions.csv, figures)")
     return res
 

@@ -194,7 +194,8 @@ def read_labels(
         if missing:
             raise FileNotFoundError(
                 f"{lf}: {len(missing)} listed tiles do not exist under {root} (e.g. {missing[:3]}). "
-                "Paths are relative to the data folder; fix the paths or remove those rows."
+                "Paths are relative to the data folder; fix the paths or remove those rows, or pass "
+                "--skip-bad-tiles to leave them out (recorded in results.json)."
             )
     return TileTable(root=root, label_file=lf, df=df.reset_index(drop=True), classes=cls_list, notes=notes)
 

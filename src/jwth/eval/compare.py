@@ -44,18 +44,26 @@ def read_predictions(run_dir: str | Path) -> tuple[pd.DataFrame, dict, list[str]
                 f"{f} not found: {run} is not a finished probe run. Pass the --out folder of a "
                 "completed `jwth probe` or `jwth demo`."
             )
-    df = pd.read_csv(pred_file)
+    try:
+        df = pd.read_csv(pred_file)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise ValueError(f"{pred_file} cannot be read ({e}); re-run the probe to rewrite it.") from e
     missing = [c for c in _KEYS if c not in df.columns]
     if missing:
         raise ValueError(f"{pred_file} lacks columns {missing}; was it written by `jwth probe`?")
-    res = json.loads(res_file.read_text())
-    classes = [str(c) for c in res["classes"]]
+    try:
+        res = json.loads(res_file.read_text())
+        classes = [str(c) for c in res["classes"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{res_file} is not a probe result (no readable 'classes': {e}); re-run the probe.") from e
     return df.sort_values("path", kind="stable").reset_index(drop=True), res, classes
 
 
 def _heads(df: pd.DataFrame, classes: list[str]) -> list[str]:
+    """Heads with a probability column for every class."""
     suffix = f"_{classes[0]}"
-    return [c[len("prob_") : -len(suffix)] for c in df.columns if c.startswith("prob_") and c.endswith(suffix)]
+    names = [c[len("prob_") : -len(suffix)] for c in df.columns if c.startswith("prob_") and c.endswith(suffix)]
+    return [h for h in names if all(f"prob_{h}_{c}" in df.columns for c in classes)]
 
 
 def compare_runs(
@@ -85,8 +93,13 @@ def compare_runs(
 
     Raises:
         ValueError: the runs cover different tiles, disagree on a label or patient, use
-            different classes, or share no head.
+            different classes, share no head, are the same folder, or ``n_boot < 10``;
+            an unreadable ``predictions.csv`` / ``results.json`` (named in the message).
     """
+    if n_boot < 10:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap interval needs at least 10 resamples (1000 is usual).")
+    if Path(run_a).resolve() == Path(run_b).resolve():
+        raise ValueError(f"Run A and run B are the same folder ({run_a}); compare two different runs.")
     da, ra, ca = read_predictions(run_a)
     db, rb, cb = read_predictions(run_b)
     if ca != cb:
@@ -104,7 +117,7 @@ def compare_runs(
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(
                 f"The runs disagree on {col} for {int(bad.sum())} tiles (first: {da['path'][i]}: "
-                f"{da[col][i]!r} vs {db[col][i]!r}). Use the same label file for both runs."
+                f"A {da[col][i]!r} vs B {db[col][i]!r}). Use the same label file for both runs."
             )
     common = [h for h in _heads(da, ca) if h in set(_heads(db, cb))]
     if heads:

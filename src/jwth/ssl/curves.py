@@ -39,9 +39,20 @@ def read_losses(run_dir: str | Path) -> pd.DataFrame:
     f = p if p.suffix == ".csv" else p / "losses.csv"
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: pass a `jwth pretrain` / `jwth posttrain` run folder.")
-    df = pd.read_csv(f)
+    try:
+        df = pd.read_csv(f)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise ValueError(f"{f} cannot be read ({e}); the run has not logged a step yet, or the file is damaged.") from e
     if "step" not in df.columns:
         raise ValueError(f"{f} has no 'step' column; it was not written by jwth pretrain.")
+    if df.empty:
+        raise ValueError(f"{f} has no rows: the run has not logged a step yet.")
+    numeric = df.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & df.notna()
+    if bad.any().any():
+        row = int(bad.any(axis=1).to_numpy().argmax())
+        raise ValueError(f"{f}: non-numeric value in data row {row + 1} ({df.iloc[row].to_dict()}); the file is damaged.")
+    df = numeric
     # a resumed run may repeat steps logged after its last checkpoint: keep the last write
     return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
