@@ -12,7 +12,8 @@ from jwth.ssl.heads import DINOHead
 from jwth.ssl.masking import block_mask, sample_masks
 from jwth.ssl.model import ema_update
 from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
-from jwth.ssl.train import collapse_reason, collapse_stats, cosine_schedule, teacher_temp_schedule
+from jwth.ssl.collapse import collapse_reason, collapse_stats
+from jwth.ssl.schedules import cosine_schedule, teacher_temp_schedule
 
 
 def test_block_mask_exact_count_and_blocky():
@@ -98,6 +99,21 @@ def test_schedules():
     assert m[0] == pytest.approx(0.992) and m[-1] == pytest.approx(1.0, abs=1e-5)
     t = teacher_temp_schedule(0.04, 0.07, 30, 50)
     assert t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07) and t[-1] == pytest.approx(0.07)
+
+
+def test_warmups_keep_their_length_on_runs_shorter_than_the_warmup():
+    """A 10-step run with a 30-step teacher-temperature warm-up ends 9/29 of the way up the
+    ramp (slope (0.07 - 0.04) / 29 per step), not at 0.07; the lr warm-up likewise."""
+    short = teacher_temp_schedule(0.04, 0.07, 30, 10)
+    full = teacher_temp_schedule(0.04, 0.07, 30, 50)
+    assert len(short) == 10
+    np.testing.assert_allclose(short, full[:10])
+    assert short[-1] == pytest.approx(0.04 + 9 * 0.03 / 29)
+    lr_short = cosine_schedule(1.0, 0.0, 5, warmup=20)
+    assert len(lr_short) == 5
+    np.testing.assert_allclose(lr_short, np.arange(5) / 20)  # linspace(0, 1, 20, endpoint=False)[:5]
+    # warm-up equal to the run: the ramp only, never the cosine part
+    np.testing.assert_allclose(cosine_schedule(1.0, 0.0, 4, warmup=4), [0, 0.25, 0.5, 0.75])
 
 
 def test_config_unknown_key_lists_valid_keys(tmp_path):

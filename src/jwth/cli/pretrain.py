@@ -40,10 +40,26 @@ def pretrain_cmd(
         r = train(cfg, data, out)
     except FileNotFoundError as e:
         _fail(str(e))
+    _report(r)
+
+
+def _report(r) -> None:
+    """Print a run's outcome; a run stopped early says how to resume and exits non-zero."""
     if r.encoder_dir:
         typer.echo(f"{r.steps_done}/{r.total_steps} steps; final loss {r.final_loss}; encoder: {r.encoder_dir}")
+    if r.monitor:
+        m = r.monitor[-1]
+        typer.echo(
+            f"monitor (step {m['step']}, {m['n_tiles']} tiles): balanced accuracy k-NN / logreg — class token "
+            f"{m['knn_bacc_cls']:.3f} / {m['logreg_bacc_cls']:.3f}, mean patch token {m['knn_bacc_patch']:.3f} / "
+            f"{m['logreg_bacc_patch']:.3f} (all rows: {r.out_dir / 'monitor.csv'})"
+        )
     for m in r.collapse[:3]:
         typer.echo(f"collapse warning: {m}", err=True)
+    if r.stopped_by:
+        typer.echo(f"Stopped early ({r.stopped_by}) after step {r.steps_done}: checkpoint saved; run the same "
+                   "command again to resume.", err=True)  # fmt: skip
+        raise typer.Exit(3 if r.stopped_by == "max_minutes" else 130)
 
 
 @app.command("posttrain")
@@ -63,8 +79,7 @@ def posttrain_cmd(
         r = posttrain(from_run, data, out, overrides or [], config)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
-    if r.encoder_dir:
-        typer.echo(f"{r.steps_done}/{r.total_steps} steps; final loss {r.final_loss}; encoder: {r.encoder_dir}")
+    _report(r)
 
 
 @app.command("diagnose")

@@ -3,7 +3,10 @@
 One panel per loss term (total, DINO, iBOT, KoLeo, Gram) plus the schedules (learning
 rate, teacher temperature) and the collapse monitors (teacher entropy, embedding
 spread). Several runs (e.g. pretraining then post-training) are drawn on one step axis,
-each continuing where the previous one ended.
+each continuing where the previous one ended. Where a run has a ``monitor.csv`` (the
+online evaluation of :mod:`jwth.ssl.monitor`), two more panels show its balanced
+accuracies (k-NN and logistic regression on the class token and the mean patch token)
+and its effective ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["read_losses", "plot_losses"]
+__all__ = ["read_losses", "read_monitor", "plot_losses"]
+
+#: (column, legend) of the monitor panels: balanced accuracy, then representation health
+MONITOR_BACC = [
+    ("knn_bacc_cls", "k-NN, class token"),
+    ("logreg_bacc_cls", "logreg, class token"),
+    ("knn_bacc_patch", "k-NN, mean patch token"),
+    ("logreg_bacc_patch", "logreg, mean patch token"),
+]
+MONITOR_RANK = [("erank_cls", "class tokens (over tiles)"), ("erank_patch_per_tile", "patch tokens (per tile)")]
 
 PANELS = [
     ("loss", "total loss"),
@@ -28,33 +40,54 @@ PANELS = [
 ]
 
 
-def read_losses(run_dir: str | Path) -> pd.DataFrame:
-    """Read ``<run_dir>/losses.csv`` (or a CSV path).
+def _read_step_csv(f: Path, empty_hint: str) -> pd.DataFrame:
+    """A CSV written by a run (``step`` column, numeric values), one row per step (the last
+    write of a step wins: a resumed run may repeat steps logged after its last checkpoint).
 
     Raises:
-        FileNotFoundError: no losses.csv (the run has not logged a step yet).
-        ValueError: the file has no ``step`` column.
+        ValueError: unparseable, no ``step`` column, no rows, or a non-numeric value.
     """
-    p = Path(run_dir)
-    f = p if p.suffix == ".csv" else p / "losses.csv"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} not found: pass a `jwth pretrain` / `jwth posttrain` run folder.")
     try:
         df = pd.read_csv(f)
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise ValueError(f"{f} cannot be read ({e}); the run has not logged a step yet, or the file is damaged.") from e
+        raise ValueError(f"{f} cannot be read ({e}); {empty_hint}") from e
     if "step" not in df.columns:
         raise ValueError(f"{f} has no 'step' column; it was not written by jwth pretrain.")
     if df.empty:
-        raise ValueError(f"{f} has no rows: the run has not logged a step yet.")
+        raise ValueError(f"{f} has no rows: {empty_hint}")
     numeric = df.apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna() & df.notna()
     if bad.any().any():
         row = int(bad.any(axis=1).to_numpy().argmax())
         raise ValueError(f"{f}: non-numeric value in data row {row + 1} ({df.iloc[row].to_dict()}); the file is damaged.")
-    df = numeric
-    # a resumed run may repeat steps logged after its last checkpoint: keep the last write
-    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    return numeric.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def read_losses(run_dir: str | Path) -> pd.DataFrame:
+    """Read ``<run_dir>/losses.csv`` (or a CSV path).
+
+    Raises:
+        FileNotFoundError: no losses.csv (the run has not logged a step yet).
+        ValueError: the file is damaged (see :func:`_read_step_csv`).
+    """
+    p = Path(run_dir)
+    f = p if p.suffix == ".csv" else p / "losses.csv"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: pass a `jwth pretrain` / `jwth posttrain` run folder.")
+    return _read_step_csv(f, "the run has not logged a step yet, or the file is damaged.")
+
+
+def read_monitor(run_dir: str | Path) -> pd.DataFrame | None:
+    """Read ``<run_dir>/monitor.csv``; None when the run has no monitor.
+
+    Raises:
+        ValueError: the file exists but is damaged (see :func:`_read_step_csv`).
+    """
+    p = Path(run_dir)
+    f = (p.parent if p.suffix == ".csv" else p) / "monitor.csv"
+    if not f.is_file():
+        return None
+    return _read_step_csv(f, "delete the damaged monitor.csv to plot without the monitor.")
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -84,15 +117,27 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
     import matplotlib.pyplot as plt
 
     frames = [read_losses(r) for r in runs]
+    monitors = [read_monitor(r) for r in runs]
     labels = labels or [Path(r).name if Path(r).suffix != ".csv" else Path(r).parent.name for r in runs]
     present = [(c, t) for c, t in PANELS if any(c in f.columns and f[c].abs().sum() > 0 for f in frames)]
+    n_loss_panels = len(present)
+    if any(m is not None and len(m) for m in monitors):
+        present += [("monitor_bacc", "monitor: balanced accuracy"), ("monitor_rank", "monitor: effective rank")]
     ncols = 3
     nrows = int(np.ceil(len(present) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
     offset = 0
-    for frame, label, color in zip(frames, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    styles = ["-", "--", ":", "-."]
+    for frame, mon, label, color in zip(frames, monitors, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         x = frame["step"].to_numpy() + offset
-        for ax, (col, title) in zip(axes.flat, present):
+        if mon is not None and len(mon):
+            xm = mon["step"].to_numpy() + offset
+            for ax, cols in ((axes.flat[n_loss_panels], MONITOR_BACC), (axes.flat[n_loss_panels + 1], MONITOR_RANK)):
+                for (col, name), ls in zip(cols, styles):
+                    if col in mon.columns:
+                        ax.plot(xm, mon[col].to_numpy(float), ls, color=color, marker=".", lw=1.1,
+                                label=f"{name}" if len(frames) == 1 else f"{label}: {name}")  # fmt: skip
+        for ax, (col, title) in zip(axes.flat[:n_loss_panels], present):
             if col not in frame.columns:
                 continue
             y = frame[col].to_numpy(float)
@@ -105,9 +150,15 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
         offset = int(x[-1]) + 1 if len(x) else offset
     for ax in axes.flat[len(present):]:
         ax.axis("off")
-    for ax in axes.flat[: len(present)]:
+    for ax, (col, title) in zip(axes.flat[: len(present)], present):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+        if col.startswith("monitor_"):
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=6)
+            n_cls = {int(m["n_classes"].iloc[0]) for m in monitors if m is not None and "n_classes" in m and len(m)}
+            if col == "monitor_bacc" and len(n_cls) == 1:
+                ax.axhline(1.0 / n_cls.pop(), color="grey", lw=0.6, ls=":")  # chance balanced accuracy = 1 / C
     if len(frames) > 1:
         axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

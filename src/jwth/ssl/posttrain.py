@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jwth.loss import GramLoss
-from jwth.ssl.config import load_config
+from jwth.ssl.config import default_config, load_config, merge
 from jwth.ssl.model import SSLNetwork, backbone_forward
 from jwth.ssl.train import CHECKPOINT_NAME, RunResult, train
 
@@ -167,7 +167,8 @@ def posttrain(
     for f in (cfg_file, ckpt):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: --from must be a `jwth pretrain` run folder.")
-    base = yaml.safe_load(cfg_file.read_text())
+    # a run written by an older version lacks newer keys (e.g. monitor): take their defaults
+    base = merge(default_config(), yaml.safe_load(cfg_file.read_text()) or {})
     cfg = load_config(config, overrides, base=base)
     cfg["model"]["init"] = None  # weights come from the run's checkpoint
     gc = cfg["posttrain"]["gram"]

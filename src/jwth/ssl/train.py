@@ -26,292 +26,40 @@ resumed automatically), ``encoder/`` (teacher backbone, loadable by
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from jwth.augment import StainAugmentConfig
 from jwth.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from jwth.ssl.checkpoint import (  # noqa: F401 - re-exported for callers of jwth.ssl.train
+    CHECKPOINT_NAME, load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint,
+)
+from jwth.ssl.checkpoint import prefixed as _prefixed
+from jwth.ssl.checkpoint import unprefixed as _unprefixed
+from jwth.ssl.collapse import CollapseWarning, collapse_reason, collapse_stats  # noqa: F401
 from jwth.ssl.config import save_config
+from jwth.ssl.distributed import DistInfo, all_reduce_grads, gather_with_grad, init_distributed, mean_over_ranks  # noqa: F401
 from jwth.ssl.data import SSLTileDataset, StepBatchSampler, list_images, sample_seed
 from jwth.ssl.masking import sample_masks
 from jwth.ssl.model import SSLNetwork, backbone_forward, build_network, ema_update
 from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
+from jwth.ssl.optim import param_groups
+from jwth.ssl.schedules import build_schedules, cosine_schedule, phase_steps, teacher_temp_schedule  # noqa: F401
+from jwth.ssl.signals import GracefulStop
 
 log = logging.getLogger("jwth.ssl")
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 LOSS_COLUMNS = [
     "step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino", "ibot", "koleo", "gram",
     "teacher_entropy", "embedding_spread", "tiles_per_s", "wall_s",
 ]  # fmt: skip
-
-
-class CollapseWarning(RuntimeWarning):
-    """The teacher looks collapsed (uniform or constant outputs)."""
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, start_warmup: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up start_warmup -> base over ``warmup`` steps, then
-    half-cosine base -> final over the remaining steps (DINO, app. "schedules").
-
-    Returns:
-        float64 array of length ``total``.
-    """
-    warmup = min(max(int(warmup), 0), total)
-    w = np.linspace(start_warmup, base, warmup, endpoint=False) if warmup else np.array([])
-    n = total - warmup
-    it = np.arange(n)
-    c = final + 0.5 * (base - final) * (1 + np.cos(np.pi * it / max(n, 1)))
-    return np.concatenate([w, c]).astype(np.float64)
-
-
-def teacher_temp_schedule(warm: float, final: float, warmup: int, total: int) -> np.ndarray:
-    """Linear warm-up of tau_t from ``warm`` to ``final`` over ``warmup`` steps, then constant."""
-    warmup = min(max(int(warmup), 0), total)
-    return np.concatenate([np.linspace(warm, final, warmup), np.full(total - warmup, final)])
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1).
-
-    Backend: NCCL when the device is CUDA, gloo otherwise. The device of process r is
-    ``cuda:LOCAL_RANK`` on GPU. Single process: no process group.
-    """
-    from jwth.device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device_name)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device(f"cuda:{local}")
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cpu":
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return DistInfo(rank, world, local, dev)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradients of all processes
-    and returns this process's slice (every process computes the same loss on the
-    gathered tensor, so the summed gradient is W x the per-process gradient, which
-    the gradient averaging divides back)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        w = dist.get_world_size()
-        parts = [torch.empty_like(x) for _ in range(w)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B_local, D) -> (B_global, D), differentiable; identity on one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _GatherWithGrad.apply(x)
-    return x
-
-
-def _all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
-    if world <= 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    off = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[off : off + n].view_as(p).clone()
-        off += n
-
-
-def _mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
-    if world <= 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= world
-    return {k: float(v) for k, v in zip(keys, t.tolist())}
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def param_groups(net: SSLNetwork, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
-    """AdamW groups with per-group ``lr_mult``, ``wd_mult`` and ``is_last_layer``.
-
-    No weight decay on biases, norms, tokens and position embeddings; layer-wise lr
-    decay decay^(L + 1 - layer) over the L transformer blocks (embeddings = layer 0,
-    heads = L + 1); patch embedding lr x ``patch_embed_lr_mult`` (DINOv2 defaults).
-    """
-    depth = len(net.backbone.blocks)
-    groups: dict[tuple, dict] = {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_wd = p.ndim == 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
-        if name.startswith("backbone."):
-            sub = name[len("backbone.") :]
-            if sub.startswith("blocks."):
-                layer = int(sub.split(".")[1]) + 1
-            elif sub.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed")):
-                layer = 0
-            else:
-                layer = depth + 1
-        elif name == "mask_token":
-            layer = 0
-        else:
-            layer = depth + 1
-        lr_mult = layerwise_decay ** (depth + 1 - layer)
-        if "patch_embed" in name:
-            lr_mult *= patch_embed_lr_mult
-        last = ".last_layer." in f".{name}"
-        key = (0.0 if no_wd else 1.0, round(lr_mult, 12), last)
-        if key not in groups:
-            groups[key] = {"params": [], "wd_mult": key[0], "lr_mult": lr_mult, "is_last_layer": last, "names": []}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return list(groups.values())
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write tensors + JSON metadata to a safetensors file."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(clean, str(tmp), metadata={"jwth": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of :func:`save_checkpoint`."""
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("jwth", "{}"))
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    return tensors, meta
-
-
-def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}/{k}": v for k, v in sd.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    p = prefix + "/"
-    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optim/{idx}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if not k.startswith("optim/"):
-            continue
-        _, idx, name = k.split("/", 2)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# --------------------------------------------------------------------------- collapse
-
-
-@torch.no_grad()
-def collapse_stats(teacher_probs: torch.Tensor, teacher_cls: torch.Tensor) -> dict[str, float]:
-    """Collapse indicators from one step.
-
-    Args:
-        teacher_probs: teacher class-token distributions P_t, (B, K).
-        teacher_cls: teacher class tokens (backbone output), (B, D).
-
-    Returns:
-        ``teacher_entropy``: mean per-sample entropy of P_t divided by log K (1 =
-        uniform: the DINO loss sits at log K); ``embedding_spread``: 1 - ||mean_b
-        x_b / ||x_b|| ||^2 (0 = all embeddings identical, ~1 = spread);
-        ``unique_prototypes``: fraction of samples with distinct argmax prototype.
-    """
-    p = teacher_probs.float()
-    k = p.shape[-1]
-    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() / math.log(k)
-    x = F.normalize(teacher_cls.float(), dim=-1)
-    spread = 1.0 - (x.mean(0) ** 2).sum()
-    uniq = torch.unique(p.argmax(-1)).numel() / max(p.shape[0], 1)
-    return {"teacher_entropy": float(ent), "embedding_spread": float(spread), "unique_prototypes": float(uniq)}
-
-
-def collapse_reason(stats: dict[str, float], batch: int) -> str | None:
-    """A human-readable reason when ``stats`` (from :func:`collapse_stats`) look collapsed."""
-    if stats["teacher_entropy"] > 0.98:
-        return (
-            f"teacher outputs are near-uniform (entropy {stats['teacher_entropy']:.3f} x log K): the DINO loss "
-            "sits at log(prototypes); check centering / teacher temperature / data diversity"
-        )
-    if stats["embedding_spread"] < 1e-3:
-        return (
-            f"all teacher class tokens are the same (spread {stats['embedding_spread']:.2e}): "
-            "representation collapse; check the data (near-uniform tiles?) and centering"
-        )
-    if batch >= 32 and stats["unique_prototypes"] * batch <= 1.0 + 1e-9:
-        return "every sample is assigned to the same prototype: collapse to one mode"
-    return None
 
 
 # --------------------------------------------------------------------------- trainer
@@ -346,54 +94,6 @@ def _progress(enabled: bool):
     )
 
 
-def _steps(cfg: dict, n_tiles: int, phase: str = "pretrain") -> tuple[int, int]:
-    """(steps per epoch, total steps) of a phase."""
-    o = cfg["optim"]
-    spe = o.get("steps_per_epoch") or max(1, n_tiles // int(o["batch_size"]))
-    epochs = cfg["posttrain"]["epochs"] if phase == "posttrain" else o["epochs"]
-    return int(spe), int(math.ceil(float(epochs) * spe))
-
-
-def _scaled_lr(cfg: dict) -> float:
-    o = cfg["optim"]
-    b = int(o["batch_size"])
-    rule = o.get("lr_scaling", "sqrt_wrt_1024")
-    if rule == "sqrt_wrt_1024":
-        return float(o["base_lr"]) * math.sqrt(b / 1024.0)
-    if rule == "linear_wrt_256":
-        return float(o["base_lr"]) * b / 256.0
-    if rule in ("none", None):
-        return float(o["base_lr"])
-    raise ValueError(f"optim.lr_scaling must be sqrt_wrt_1024|linear_wrt_256|none, got {rule!r}")
-
-
-def build_schedules(cfg: dict, steps_per_epoch: int, total: int, phase: str) -> dict[str, np.ndarray]:
-    """Per-step lr, wd, momentum, teacher temperature and last-layer lr factor."""
-    o, t = cfg["optim"], cfg["teacher"]
-    if phase == "posttrain":
-        pt = cfg["posttrain"]
-        return {
-            "lr": np.full(total, float(pt["lr"])),
-            "wd": np.full(total, float(pt["weight_decay"])),
-            "momentum": np.full(total, float(pt["momentum_teacher"])),
-            "teacher_temp": np.full(total, float(pt["teacher_temp"])),
-            "last_layer": np.ones(total),
-        }
-    lr = cosine_schedule(_scaled_lr(cfg), float(o["min_lr"]), total, int(float(o["warmup_epochs"]) * steps_per_epoch))
-    last = np.ones(total)
-    last[: min(total, int(float(o["freeze_last_layer_epochs"]) * steps_per_epoch))] = 0.0
-    return {
-        "lr": lr,
-        "wd": cosine_schedule(float(o["weight_decay"]), float(o["weight_decay_end"]), total),
-        "momentum": cosine_schedule(float(t["momentum_teacher"]), float(t["final_momentum_teacher"]), total),
-        "teacher_temp": teacher_temp_schedule(
-            float(t["warmup_teacher_temp"]), float(t["teacher_temp"]),
-            int(float(t["warmup_teacher_temp_epochs"]) * steps_per_epoch), total,
-        ),  # fmt: skip
-        "last_layer": last,
-    }
-
-
 @dataclass
 class RunResult:
     """What a run produced."""
@@ -405,6 +105,8 @@ class RunResult:
     encoder_dir: Path | None
     losses: list[dict] = field(default_factory=list)
     collapse: list[str] = field(default_factory=list)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" / "max_minutes" when stopped before the end
+    monitor: list[dict] = field(default_factory=list)
 
 
 def train(
@@ -429,6 +131,13 @@ def train(
         extra_loss: additional loss hook (Gram anchoring).
         gram_scale: resolution factor of the extra high-resolution global crops.
 
+    A run stops cleanly — finishing its step, writing the checkpoint and exporting the
+    encoder — on SIGTERM / SIGINT or after ``train.max_minutes``; it also checkpoints every
+    ``train.checkpoint_every`` steps and every ``train.checkpoint_every_minutes``. With
+    ``monitor.every_steps`` > 0 the EMA teacher is evaluated on a fixed labelled subset
+    (:mod:`jwth.ssl.monitor`) at the start, every that many steps and at the end, into
+    ``monitor.csv``.
+
     Returns:
         :class:`RunResult`.
 
@@ -448,7 +157,7 @@ def train(
     seed = int(tc["seed"])
     paths = list_images(data_dir, cfg["data"].get("max_tiles"))
     gb = int(cfg["optim"]["batch_size"])
-    spe, total = _steps(cfg, len(paths), phase)
+    spe, total = phase_steps(cfg, len(paths), phase)
     sched = build_schedules(cfg, spe, total, phase)
 
     torch.manual_seed(seed)
@@ -530,6 +239,22 @@ def train(
     grid = (cc["global_crops_size"] // patch, cc["global_crops_size"] // patch)
     n_g, bl = int(cc["global_crops_number"]), gb // di.world_size
 
+    # online monitor (main process only; labels used only here)
+    mon_cfg = cfg.get("monitor") or {}
+    mon_every = int(mon_cfg.get("every_steps") or 0)
+    mon_set = None
+    mon_rows: list[dict] = []
+    if mon_every > 0 and di.is_main:
+        from jwth.ssl.monitor import build_monitor_set
+
+        mon_set = build_monitor_set(
+            mon_cfg.get("data") or data_dir, int(cc["global_crops_size"]), tuple(cfg["data"]["mean"]),
+            tuple(cfg["data"]["std"]), int(mon_cfg.get("n_tiles", 512)), int(mon_cfg.get("n_folds", 5)), seed,
+            mon_cfg.get("label_col", "label"), mon_cfg.get("patient_col", "patient_id"),
+        )  # fmt: skip
+        log.info("monitor: %d tiles of %d patients from %s, every %d steps", len(mon_set.y),
+                 len(set(mon_set.patients)), mon_set.source, mon_every)  # fmt: skip
+
     # logging
     loss_file = out / "losses.csv"
     rows: list[dict] = []
@@ -573,13 +298,33 @@ def train(
             meta["extra"] = extra_loss.meta()
         save_checkpoint(ckpt, tens, meta)
 
+    def monitor(at_step: int, entropy: float | None) -> None:
+        if mon_set is None:
+            return
+        from jwth.ssl.monitor import append_rows, monitor_row
+
+        row = {"step": at_step, **monitor_row(teacher.backbone, mon_set, di.device, int(mon_cfg.get("knn_k", 20)))}
+        row["wall_s"] = round(time.perf_counter() - t0, 3)
+        row["teacher_entropy"] = entropy if entropy is not None else float("nan")
+        append_rows(out / "monitor.csv", [row], keep_below_step=at_step - 1 if not mon_rows else None)
+        mon_rows.append(row)
+        log.info("monitor step %d: k-NN / logreg balanced accuracy class token %.3f / %.3f, mean patch token "
+                 "%.3f / %.3f; effective rank class %.1f, patch %.1f (%.1f s)", at_step, row["knn_bacc_cls"],
+                 row["logreg_bacc_cls"], row["knn_bacc_patch"], row["logreg_bacc_patch"], row["erank_cls"],
+                 row["erank_patch_per_tile"], row["eval_s"])  # fmt: skip
+
     student.train()
     t0 = time.perf_counter()
-    t_last = t0
     final_loss = None
     step = start
+    stopped_by: str | None = None
+    max_min = tc.get("max_minutes")
+    ckpt_min = tc.get("checkpoint_every_minutes")
+    last_entropy: float | None = None
+    monitor(start, None)
+    t_last = t_ckpt = time.perf_counter()
     prog = _progress(bool(tc.get("progress", True)) and di.is_main)
-    with prog:
+    with prog, GracefulStop() as stopper:
         task = prog.add_task(phase, total=stop, completed=start, tps=0.0, loss=float("nan"))
         for step, batch in zip(range(start, stop), loader):
             for g in opt.param_groups:
@@ -629,7 +374,7 @@ def train(
                 raise FloatingPointError(f"non-finite loss at step {step}: dino {l_dino}, ibot {l_ibot}, koleo {l_koleo}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _all_reduce_grads(train_params, di.world_size)
+            all_reduce_grads(train_params, di.world_size)
             if sched["last_layer"][step] == 0:
                 for n, p in student.named_parameters():
                     if ".last_layer." in f".{n}":
@@ -654,7 +399,7 @@ def train(
                 "teacher_entropy": stats["teacher_entropy"], "embedding_spread": stats["embedding_spread"],
                 "unique_prototypes": stats["unique_prototypes"],
             }  # fmt: skip
-            vals = _mean_over_ranks(vals, di.world_size, di.device)
+            vals = mean_over_ranks(vals, di.world_size, di.device)
             tps = gb / max(now - t_last, 1e-9)
             t_last = now
             row = {
@@ -665,6 +410,7 @@ def train(
             }  # fmt: skip
             rows.append(row)
             final_loss = vals["loss"]
+            last_entropy = vals["teacher_entropy"]
             if di.is_main:
                 with open(loss_file, "a", newline="") as f:
                     csv.DictWriter(f, LOSS_COLUMNS).writerow(row)
@@ -684,9 +430,34 @@ def train(
                     if tc.get("collapse_abort"):
                         checkpoint(step + 1)
                         raise RuntimeError(f"Training stopped (train.collapse_abort): {reason}")
-            if (step + 1) % int(tc["checkpoint_every"]) == 0 or step + 1 == stop:
+            if mon_every and (step + 1) % mon_every == 0 and step + 1 != stop:
+                monitor(step + 1, last_entropy)
+                t_last = time.perf_counter()  # the evaluation is not training time
+            elapsed_min = (time.perf_counter() - t0) / 60.0
+            if di.world_size > 1:  # every process must take the same decision
+                flags = torch.tensor([float(stopper.requested is not None), elapsed_min], device=di.device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop_now, elapsed_min = bool(flags[0] > 0), float(flags[1])
+            else:
+                stop_now = stopper.requested is not None
+            if stop_now:
+                stopped_by = stopper.requested or "signal (another process)"
+            elif max_min and elapsed_min >= float(max_min) and step + 1 < stop:
+                stopped_by = "max_minutes"
+            due = (step + 1) % int(tc["checkpoint_every"]) == 0 or step + 1 == stop or stopped_by is not None
+            if ckpt_min and time.perf_counter() - t_ckpt >= 60.0 * float(ckpt_min):
+                due = True
+            if due:
                 checkpoint(step + 1)
+                t_ckpt = time.perf_counter()
+            if stopped_by is not None:
+                if di.is_main:
+                    log.warning("stopped at step %d/%d (%s); checkpoint written, run the same command to resume",
+                                step + 1, total, stopped_by)  # fmt: skip
+                break
     done = step + 1 if stop > start else start
+    if mon_set is not None and (not mon_rows or mon_rows[-1]["step"] != done):
+        monitor(done, last_entropy)
     enc_dir = None
     if di.is_main:
         enc_dir = export_encoder(teacher, cfg, arch, model_args, out / "encoder", steps=done, phase=phase)
@@ -695,7 +466,7 @@ def train(
         tb.close()
     if di.world_size > 1:
         dist.barrier()
-    return RunResult(out, done, total, final_loss, enc_dir, rows, collapse_msgs)
+    return RunResult(out, done, total, final_loss, enc_dir, rows, collapse_msgs, stopped_by, mon_rows)
 
 
 def _write_loss_plot(out: Path) -> None:
