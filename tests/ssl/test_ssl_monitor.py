@@ -103,6 +103,22 @@ def test_run_writes_monitor_csv_and_plot(labelled_tiles, tiny_overrides, tmp_pat
     assert mon is not None and mon["step"].is_unique
     png = plot_losses([tmp_path / "run"], tmp_path / "curves.png")
     assert png.stat().st_size > 10_000
+    # pilots side by side: both runs on their own step counts (the x range stays 0..6, not 0..13)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig=None: closed.append(fig)  # keep the figure to inspect it
+    try:
+        plot_losses([tmp_path / "run", tmp_path / "run"], tmp_path / "overlay.png", overlay=True)
+    finally:
+        plt.close = real_close
+    fig = closed[-1]
+    assert max(line.get_xdata().max() for line in fig.axes[0].lines) == 5  # losses at steps 0..5
+    real_close(fig)
 
 
 def test_graceful_stop_flag_and_second_signal():
@@ -147,3 +163,51 @@ def test_max_minutes_stops_cleanly(synthetic_tiles, tiny_overrides, tmp_path):
     assert r.stopped_by == "max_minutes" and r.steps_done == 1
     _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["step"] == 1
+
+
+def test_error_after_stop_signal_keeps_last_complete_step(synthetic_tiles, tiny_overrides, tmp_path, monkeypatch):
+    """Session ends often signal every process: a data-loader worker dying from SIGTERM makes
+    the step fail part-way. Then the run saves the weights of the last complete step and
+    returns; the same error without a stop signal still propagates."""
+    import jwth.ssl.train as tr
+
+    ov = tiny_overrides + ["optim.epochs=1", "train.checkpoint_every=100"]
+    real_fwd = tr.backbone_forward
+    calls = {"n": 0}
+
+    def dying_forward(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # teacher + student-global + student-local per step: this is step 1's teacher
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        return real_fwd(*a, **k)
+
+    monkeypatch.setattr(tr, "backbone_forward", dying_forward)
+    r = train(load_config(overrides=ov), synthetic_tiles, tmp_path / "run")
+    assert r.stopped_by == "SIGTERM" and r.steps_done == 1
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 1
+
+    calls["n"] = 0
+
+    def broken_forward(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("a real bug")
+        return real_fwd(*a, **k)
+
+    monkeypatch.setattr(tr, "backbone_forward", broken_forward)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        train(load_config(overrides=ov), synthetic_tiles, tmp_path / "run2")
+
+
+def test_data_workers_ignore_stop_signals():
+    from jwth.ssl.signals import ignore_stop_signals
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -113,12 +113,14 @@ def plot_losses_cmd(
     runs: List[Path] = typer.Argument(..., help="Run folders in training order (e.g. pretrain run, then posttrain run)."),
     out: Path = typer.Option(..., "--out", help="Output PNG."),
     smooth: int = typer.Option(20, help="Moving-average window in steps."),
+    overlay: bool = typer.Option(False, "--overlay", help="Draw the runs over each other (pilots compared) instead of one after the other."),
 ) -> None:
-    """Loss curves, schedules and collapse monitors of pretraining / post-training runs as a PNG."""
+    """Loss curves, schedules, collapse monitors and online-monitor metrics of pretraining /
+    post-training runs as a PNG."""
     from jwth.ssl.curves import plot_losses
 
     try:
-        plot_losses(list(runs), out, smooth=smooth)
+        plot_losses(list(runs), out, smooth=smooth, overlay=overlay)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out}")

@@ -99,7 +99,7 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] | None = None,
-                smooth: int = 20) -> Path:
+                smooth: int = 20, overlay: bool = False) -> Path:
     """Write a grid of loss / schedule panels for one or more runs, chained on one step axis.
 
     Args:
@@ -107,6 +107,8 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
         out_png: output PNG.
         labels: legend names (default: folder names).
         smooth: moving-average window in steps for the loss panels (raw values are drawn faint).
+        overlay: draw the runs over each other on their own step counts (pilot runs side by
+            side) instead of chaining them (pretraining, then post-training).
 
     Returns:
         The PNG path.
@@ -147,7 +149,8 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
             else:
                 ax.plot(x, y, color=color, lw=1.2, label=label)
             ax.set_title(title, fontsize=9)
-        offset = int(x[-1]) + 1 if len(x) else offset
+        if not overlay:
+            offset = int(x[-1]) + 1 if len(x) else offset
     for ax in axes.flat[len(present):]:
         ax.axis("off")
     for ax, (col, title) in zip(axes.flat[: len(present)], present):
@@ -156,7 +159,7 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
         if col.startswith("monitor_"):
             ax.set_title(title, fontsize=9)
             ax.legend(fontsize=6)
-            n_cls = {int(m["n_classes"].iloc[0]) for m in monitors if m is not None and "n_classes" in m and len(m)}
+            n_cls = {int(c) for m in monitors if m is not None and "n_classes" in m for c in m["n_classes"].dropna()}
             if col == "monitor_bacc" and len(n_cls) == 1:
                 ax.axhline(1.0 / n_cls.pop(), color="grey", lw=0.6, ls=":")  # chance balanced accuracy = 1 / C
     if len(frames) > 1:

@@ -13,7 +13,7 @@ import signal
 import threading
 from types import FrameType
 
-__all__ = ["GracefulStop"]
+__all__ = ["GracefulStop", "ignore_stop_signals"]
 
 
 class GracefulStop:
@@ -51,3 +51,14 @@ class GracefulStop:
         for s, h in self._old.items():
             signal.signal(s, h)  # type: ignore[arg-type]
         self._old.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader worker_init_fn signature
+    """DataLoader ``worker_init_fn``: data workers ignore SIGTERM / SIGINT.
+
+    A shell or scheduler often signals the whole process group. The workers then stay alive
+    until the main process has finished its step and written the checkpoint, and are shut
+    down by the DataLoader as usual; otherwise a dead worker would abort the step.
+    """
+    for s in GracefulStop.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

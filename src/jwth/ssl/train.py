@@ -52,7 +52,7 @@ from jwth.ssl.model import SSLNetwork, backbone_forward, build_network, ema_upda
 from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
 from jwth.ssl.optim import param_groups
 from jwth.ssl.schedules import build_schedules, cosine_schedule, phase_steps, teacher_temp_schedule  # noqa: F401
-from jwth.ssl.signals import GracefulStop
+from jwth.ssl.signals import GracefulStop, ignore_stop_signals
 
 log = logging.getLogger("jwth.ssl")
 
@@ -233,6 +233,7 @@ def train(
     nw = int(tc.get("num_workers", 0))
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=nw, persistent_workers=False, pin_memory=di.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if nw > 0 else None,
     )  # fmt: skip
     patch = student.backbone.patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
@@ -326,136 +327,153 @@ def train(
     prog = _progress(bool(tc.get("progress", True)) and di.is_main)
     with prog, GracefulStop() as stopper:
         task = prog.add_task(phase, total=stop, completed=start, tps=0.0, loss=float("nan"))
-        for step, batch in zip(range(start, stop), loader):
-            for g in opt.param_groups:
-                g["lr"] = float(sched["lr"][step]) * g["lr_mult"] * (float(sched["last_layer"][step]) if g["is_last_layer"] else 1.0)
-                g["weight_decay"] = float(sched["wd"][step]) * g["wd_mult"]
-            tau_t = float(sched["teacher_temp"][step])
-            torch.manual_seed(sample_seed(seed, step * di.world_size + di.rank, salt=2))  # drop path
-            gmask = torch.Generator().manual_seed(sample_seed(seed, step, salt=3))
-            masks = sample_masks(
-                n_g * gb, grid, tuple(cfg["ibot"]["mask_ratio_min_max"]), float(cfg["ibot"]["mask_sample_probability"]), gmask
-            ).view(n_g, gb, -1)[:, di.rank * bl : (di.rank + 1) * bl].reshape(n_g * bl, -1).to(di.device)
-            xg = batch["global"].to(di.device, non_blocking=True).transpose(0, 1).reshape(n_g * bl, *batch["global"].shape[2:])
-            xl = batch["local"].to(di.device, non_blocking=True)
-            n_l = xl.shape[1]
-            xl = xl.transpose(0, 1).reshape(n_l * bl, *xl.shape[2:])
-            with autocast(di.device, tc.get("precision", "auto")):
-                with torch.no_grad():
-                    t_out = backbone_forward(teacher.backbone, xg)
-                    t_cls_scores = teacher.dino_head(t_out.cls)
-                    t_patch_scores = teacher.patch_head(t_out.patches[masks])
-                    p_dino = dino_loss.teacher_probs(t_cls_scores, tau_t)
-                    p_ibot = ibot_loss.teacher_probs(t_patch_scores, tau_t)
-                    dino_loss.update_center(t_cls_scores)
-                    if t_patch_scores.shape[0] or di.world_size > 1:
-                        ibot_loss.update_center(t_patch_scores)
-                s_g = backbone_forward(student.backbone, xg, masks, student.mask_token)
-                cls_all = s_g.cls if n_l == 0 else torch.cat([s_g.cls, backbone_forward(student.backbone, xl).cls])
-                s_masked = s_g.patches[masks]
-                if student.ibot_head is None:
-                    sc = student.dino_head(torch.cat([cls_all, s_masked]))
-                    s_cls_scores, s_patch_scores = sc[: cls_all.shape[0]], sc[cls_all.shape[0] :]
-                else:
-                    s_cls_scores, s_patch_scores = student.dino_head(cls_all), student.ibot_head(s_masked)
-                l_dino = dino_loss(list(s_cls_scores.chunk(n_g + n_l)), list(p_dino.chunk(n_g)), n_global=n_g)
-                l_ibot = ibot_loss(s_patch_scores, p_ibot, masks)
-                l_koleo = sum(koleo(gather_with_grad(c)) for c in s_g.cls.chunk(n_g))
-                loss = (
-                    cfg["dino"]["loss_weight"] * l_dino
-                    + cfg["ibot"]["loss_weight"] * l_ibot
-                    + cfg["dino"]["koleo_loss_weight"] * l_koleo
-                )
-                l_extra = None
-                if extra_loss is not None:
-                    l_extra = extra_loss(step, {k: v.to(di.device) for k, v in batch.items()}, s_g.patches, teacher)
-                    loss = loss + l_extra
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: dino {l_dino}, ibot {l_ibot}, koleo {l_koleo}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(train_params, di.world_size)
-            if sched["last_layer"][step] == 0:
-                for n, p in student.named_parameters():
-                    if ".last_layer." in f".{n}":
-                        p.grad = None
-            clip = cfg["optim"].get("clip_grad")
-            if clip:
-                for mod in (student.backbone, student.dino_head, student.ibot_head):
-                    if mod is not None:
-                        ps = [p for p in mod.parameters() if p.grad is not None]
-                        if ps:
-                            torch.nn.utils.clip_grad_norm_(ps, float(clip))
-            opt.step()
-            ema_update(t_params, s_params, float(sched["momentum"][step]))
+        completed = start  # steps whose updates are fully applied
+        touched = False  # True between the optimizer step and the EMA update
+        try:
+            for step, batch in zip(range(start, stop), loader):
+                for g in opt.param_groups:
+                    g["lr"] = float(sched["lr"][step]) * g["lr_mult"] * (float(sched["last_layer"][step]) if g["is_last_layer"] else 1.0)
+                    g["weight_decay"] = float(sched["wd"][step]) * g["wd_mult"]
+                tau_t = float(sched["teacher_temp"][step])
+                torch.manual_seed(sample_seed(seed, step * di.world_size + di.rank, salt=2))  # drop path
+                gmask = torch.Generator().manual_seed(sample_seed(seed, step, salt=3))
+                masks = sample_masks(
+                    n_g * gb, grid, tuple(cfg["ibot"]["mask_ratio_min_max"]), float(cfg["ibot"]["mask_sample_probability"]), gmask
+                ).view(n_g, gb, -1)[:, di.rank * bl : (di.rank + 1) * bl].reshape(n_g * bl, -1).to(di.device)
+                xg = batch["global"].to(di.device, non_blocking=True).transpose(0, 1).reshape(n_g * bl, *batch["global"].shape[2:])
+                xl = batch["local"].to(di.device, non_blocking=True)
+                n_l = xl.shape[1]
+                xl = xl.transpose(0, 1).reshape(n_l * bl, *xl.shape[2:])
+                with autocast(di.device, tc.get("precision", "auto")):
+                    with torch.no_grad():
+                        t_out = backbone_forward(teacher.backbone, xg)
+                        t_cls_scores = teacher.dino_head(t_out.cls)
+                        t_patch_scores = teacher.patch_head(t_out.patches[masks])
+                        p_dino = dino_loss.teacher_probs(t_cls_scores, tau_t)
+                        p_ibot = ibot_loss.teacher_probs(t_patch_scores, tau_t)
+                        dino_loss.update_center(t_cls_scores)
+                        if t_patch_scores.shape[0] or di.world_size > 1:
+                            ibot_loss.update_center(t_patch_scores)
+                    s_g = backbone_forward(student.backbone, xg, masks, student.mask_token)
+                    cls_all = s_g.cls if n_l == 0 else torch.cat([s_g.cls, backbone_forward(student.backbone, xl).cls])
+                    s_masked = s_g.patches[masks]
+                    if student.ibot_head is None:
+                        sc = student.dino_head(torch.cat([cls_all, s_masked]))
+                        s_cls_scores, s_patch_scores = sc[: cls_all.shape[0]], sc[cls_all.shape[0] :]
+                    else:
+                        s_cls_scores, s_patch_scores = student.dino_head(cls_all), student.ibot_head(s_masked)
+                    l_dino = dino_loss(list(s_cls_scores.chunk(n_g + n_l)), list(p_dino.chunk(n_g)), n_global=n_g)
+                    l_ibot = ibot_loss(s_patch_scores, p_ibot, masks)
+                    l_koleo = sum(koleo(gather_with_grad(c)) for c in s_g.cls.chunk(n_g))
+                    loss = (
+                        cfg["dino"]["loss_weight"] * l_dino
+                        + cfg["ibot"]["loss_weight"] * l_ibot
+                        + cfg["dino"]["koleo_loss_weight"] * l_koleo
+                    )
+                    l_extra = None
+                    if extra_loss is not None:
+                        l_extra = extra_loss(step, {k: v.to(di.device) for k, v in batch.items()}, s_g.patches, teacher)
+                        loss = loss + l_extra
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}: dino {l_dino}, ibot {l_ibot}, koleo {l_koleo}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                all_reduce_grads(train_params, di.world_size)
+                if sched["last_layer"][step] == 0:
+                    for n, p in student.named_parameters():
+                        if ".last_layer." in f".{n}":
+                            p.grad = None
+                clip = cfg["optim"].get("clip_grad")
+                if clip:
+                    for mod in (student.backbone, student.dino_head, student.ibot_head):
+                        if mod is not None:
+                            ps = [p for p in mod.parameters() if p.grad is not None]
+                            if ps:
+                                torch.nn.utils.clip_grad_norm_(ps, float(clip))
+                touched = True
+                opt.step()
+                ema_update(t_params, s_params, float(sched["momentum"][step]))
+                touched = False
+                completed = step + 1
 
-            # logging
-            now = time.perf_counter()
-            stats = collapse_stats(p_dino, t_out.cls)
-            vals = {
-                "loss": float(loss.detach()), "dino": float(l_dino.detach()), "ibot": float(l_ibot.detach()),
-                "koleo": float(torch.as_tensor(l_koleo).detach()),
-                "gram": float(l_extra.detach()) if l_extra is not None else 0.0,
-                "teacher_entropy": stats["teacher_entropy"], "embedding_spread": stats["embedding_spread"],
-                "unique_prototypes": stats["unique_prototypes"],
-            }  # fmt: skip
-            vals = mean_over_ranks(vals, di.world_size, di.device)
-            tps = gb / max(now - t_last, 1e-9)
-            t_last = now
-            row = {
-                "step": step, "epoch": f"{step / spe:.4f}", "lr": float(sched["lr"][step]), "wd": float(sched["wd"][step]),
-                "momentum": float(sched["momentum"][step]), "teacher_temp": tau_t,
-                **{k: vals[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "teacher_entropy", "embedding_spread")},
-                "tiles_per_s": round(tps, 3), "wall_s": round(now - t0, 3),
-            }  # fmt: skip
-            rows.append(row)
-            final_loss = vals["loss"]
-            last_entropy = vals["teacher_entropy"]
-            if di.is_main:
-                with open(loss_file, "a", newline="") as f:
-                    csv.DictWriter(f, LOSS_COLUMNS).writerow(row)
-                if tb is not None:
-                    for k in ("loss", "dino", "ibot", "koleo", "gram", "teacher_entropy", "embedding_spread"):
-                        tb.add_scalar(f"{phase}/{k}", vals[k], step)
-                prog.update(task, completed=step + 1, tps=tps, loss=vals["loss"])
-                if tc.get("log_every") and (step + 1) % int(tc["log_every"]) == 0 and not tc.get("progress", True):
-                    log.info("step %d/%d loss %.4f (%.1f tiles/s)", step + 1, stop, vals["loss"], tps)
-            if tc.get("collapse_check", True) and step >= check_after:
-                reason = collapse_reason(vals, gb)
-                if reason:
-                    collapse_msgs.append(f"step {step}: {reason}")
-                    if reason not in warned and di.is_main:
-                        warned.add(reason)
-                        warnings.warn(f"Possible collapse at step {step}: {reason}", CollapseWarning, stacklevel=2)
-                    if tc.get("collapse_abort"):
-                        checkpoint(step + 1)
-                        raise RuntimeError(f"Training stopped (train.collapse_abort): {reason}")
-            if mon_every and (step + 1) % mon_every == 0 and step + 1 != stop:
-                monitor(step + 1, last_entropy)
-                t_last = time.perf_counter()  # the evaluation is not training time
-            elapsed_min = (time.perf_counter() - t0) / 60.0
-            if di.world_size > 1:  # every process must take the same decision
-                flags = torch.tensor([float(stopper.requested is not None), elapsed_min], device=di.device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop_now, elapsed_min = bool(flags[0] > 0), float(flags[1])
-            else:
-                stop_now = stopper.requested is not None
-            if stop_now:
-                stopped_by = stopper.requested or "signal (another process)"
-            elif max_min and elapsed_min >= float(max_min) and step + 1 < stop:
-                stopped_by = "max_minutes"
-            due = (step + 1) % int(tc["checkpoint_every"]) == 0 or step + 1 == stop or stopped_by is not None
-            if ckpt_min and time.perf_counter() - t_ckpt >= 60.0 * float(ckpt_min):
-                due = True
-            if due:
-                checkpoint(step + 1)
-                t_ckpt = time.perf_counter()
-            if stopped_by is not None:
+                # logging
+                now = time.perf_counter()
+                stats = collapse_stats(p_dino, t_out.cls)
+                vals = {
+                    "loss": float(loss.detach()), "dino": float(l_dino.detach()), "ibot": float(l_ibot.detach()),
+                    "koleo": float(torch.as_tensor(l_koleo).detach()),
+                    "gram": float(l_extra.detach()) if l_extra is not None else 0.0,
+                    "teacher_entropy": stats["teacher_entropy"], "embedding_spread": stats["embedding_spread"],
+                    "unique_prototypes": stats["unique_prototypes"],
+                }  # fmt: skip
+                vals = mean_over_ranks(vals, di.world_size, di.device)
+                tps = gb / max(now - t_last, 1e-9)
+                t_last = now
+                row = {
+                    "step": step, "epoch": f"{step / spe:.4f}", "lr": float(sched["lr"][step]), "wd": float(sched["wd"][step]),
+                    "momentum": float(sched["momentum"][step]), "teacher_temp": tau_t,
+                    **{k: vals[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "teacher_entropy", "embedding_spread")},
+                    "tiles_per_s": round(tps, 3), "wall_s": round(now - t0, 3),
+                }  # fmt: skip
+                rows.append(row)
+                final_loss = vals["loss"]
+                last_entropy = vals["teacher_entropy"]
                 if di.is_main:
-                    log.warning("stopped at step %d/%d (%s); checkpoint written, run the same command to resume",
-                                step + 1, total, stopped_by)  # fmt: skip
-                break
-    done = step + 1 if stop > start else start
+                    with open(loss_file, "a", newline="") as f:
+                        csv.DictWriter(f, LOSS_COLUMNS).writerow(row)
+                    if tb is not None:
+                        for k in ("loss", "dino", "ibot", "koleo", "gram", "teacher_entropy", "embedding_spread"):
+                            tb.add_scalar(f"{phase}/{k}", vals[k], step)
+                    prog.update(task, completed=step + 1, tps=tps, loss=vals["loss"])
+                    if tc.get("log_every") and (step + 1) % int(tc["log_every"]) == 0 and not tc.get("progress", True):
+                        log.info("step %d/%d loss %.4f (%.1f tiles/s)", step + 1, stop, vals["loss"], tps)
+                if tc.get("collapse_check", True) and step >= check_after:
+                    reason = collapse_reason(vals, gb)
+                    if reason:
+                        collapse_msgs.append(f"step {step}: {reason}")
+                        if reason not in warned and di.is_main:
+                            warned.add(reason)
+                            warnings.warn(f"Possible collapse at step {step}: {reason}", CollapseWarning, stacklevel=2)
+                        if tc.get("collapse_abort"):
+                            checkpoint(step + 1)
+                            raise RuntimeError(f"Training stopped (train.collapse_abort): {reason}")
+                if mon_every and (step + 1) % mon_every == 0 and step + 1 != stop:
+                    monitor(step + 1, last_entropy)
+                    t_last = time.perf_counter()  # the evaluation is not training time
+                elapsed_min = (time.perf_counter() - t0) / 60.0
+                if di.world_size > 1:  # every process must take the same decision
+                    flags = torch.tensor([float(stopper.requested is not None), elapsed_min], device=di.device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stop_now, elapsed_min = bool(flags[0] > 0), float(flags[1])
+                else:
+                    stop_now = stopper.requested is not None
+                if stop_now:
+                    stopped_by = stopper.requested or "signal (another process)"
+                elif max_min and elapsed_min >= float(max_min) and step + 1 < stop:
+                    stopped_by = "max_minutes"
+                due = (step + 1) % int(tc["checkpoint_every"]) == 0 or step + 1 == stop or stopped_by is not None
+                if ckpt_min and time.perf_counter() - t_ckpt >= 60.0 * float(ckpt_min):
+                    due = True
+                if due:
+                    checkpoint(step + 1)
+                    t_ckpt = time.perf_counter()
+                if stopped_by is not None:
+                    if di.is_main:
+                        log.warning("stopped at step %d/%d (%s); checkpoint written, run the same command to resume",
+                                    step + 1, total, stopped_by)  # fmt: skip
+                    break
+        except Exception:
+            # a stop signal can also take the data-loader workers down, which surfaces here as
+            # an error mid-step; the weights are then those after `completed` steps
+            if stopper.requested is None or touched or di.world_size > 1:
+                raise
+            stopped_by = stopper.requested
+            checkpoint(completed)
+            if di.is_main:
+                log.warning("stopped during step %d/%d (%s); checkpoint of step %d written, run the same "
+                            "command to resume", completed + 1, total, stopped_by, completed)  # fmt: skip
+
+    done = completed
     if mon_set is not None and (not mon_rows or mon_rows[-1]["step"] != done):
         monitor(done, last_entropy)
     enc_dir = None
