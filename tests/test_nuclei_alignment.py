@@ -42,10 +42,9 @@ def test_token_fractions_follow_the_encoder_token_order(tmp_path):
     d = tmp_path / "drawn"
     d.mkdir()
     Image.fromarray(drawn_tile()).save(d / "t.png")
-    pd.DataFrame({"path": ["t.png", "t.png"], "label": ["A", "B"]}).iloc[:1].to_csv(d / "x.csv", index=False)
     from jwth.data.tiles import TileTable
 
-    table = TileTable(d, d / "x.csv", pd.DataFrame({"path": ["t.png"], "label": ["A"], "patient_id": ["P"], "site": [""]}),
+    table = TileTable(d, d / "labels.csv", pd.DataFrame({"path": ["t.png"], "label": ["A"], "patient_id": ["P"], "site": [""]}),
                       ["A", "B"])
     enc = load_encoder(TINY)  # 64 px input: no resize, 4 x 4 tokens of 16 px
     torch.manual_seed(0)
