@@ -120,6 +120,9 @@ def extract_slides_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)."),
     precision: str = typer.Option("auto", help="auto (bf16 where faster), fp32, bf16, fp16."),
     overwrite: bool = typer.Option(False, help="Re-extract slides whose .h5 exists (default: skip them)."),
+    head: Optional[Path] = typer.Option(None, help="A trained attention head (attention_head.pt from `jwth nuclei-alignment`) "
+                                             "run with the encoder: stores [class token, pooled vector], attention "
+                                             "and probs per tile, never the patch tokens (embedding jwth-head)."),
 ) -> None:
     """Encode the tiles of each slide into one HDF5 per slide (CLAM/TRIDENT layout).
 
@@ -141,13 +144,23 @@ def extract_slides_cmd(
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dev = resolve_device(device)
     enc = load_encoder(encoder or DEFAULT_ENCODER, device=dev)
+    trained_head = None
+    if head is not None:
+        from jwth.heads.checkpoint import load_attention_head
+
+        try:
+            trained_head, _ = load_attention_head(head, enc)
+        except (ValueError, FileNotFoundError) as e:
+            raise typer.BadParameter(str(e), param_hint="--head")
+        embedding = "jwth-head"
     paths = find_slides(slides)
     mine = shard(paths)
     with progress_bar(f"extracting slides ({enc.spec}, {embedding})", len(mine), unit="slide") as bar:
         records = extract_slides(
             paths, out, enc, mpp=mpp, overwrite=overwrite, on_slide=lambda r: bar.advance(), default_mpp=default_mpp,
             target_mpp=target_mpp, tile_size=tile_size, embedding=embedding, save_patch_tokens=save_patch_tokens,
-            min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision)
+            min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
+            head=trained_head)
     console.print(_status_table(records, f"jwth extract-slides -> {out / 'features'}"))
     _exit_on_failures(records, out)
 

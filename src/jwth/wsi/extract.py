@@ -11,6 +11,10 @@ One file per slide, ``<out>/features/<slide_id>.h5``:
   for ``jwth`` (``[class token, class-attention-pooled patch tokens]``) and for
   ``cls+mean`` (``[class token, mean patch token]``, Virchow2's embedding).
 - ``patch_tokens`` (optional): ``(N, P, D)`` float16 patch tokens (registers excluded).
+- with a trained attention head (``head=``, embedding ``jwth-head``): ``features`` are
+  ``[class token, the head's pooled vector]`` ``(N, 2D)``, plus ``attention`` ``(N, H, P)``
+  float16 (the head's weights over the patch tokens, for heatmaps) and ``probs``
+  ``(N, C)`` float32; the patch tokens themselves are never stored.
 - root attributes: ``encoder``, ``weights_hash``, ``embedding``, ``embed_dim`` (D),
   ``n_tiles``, ``n_bad_tiles``, ``jwth_version``.
 
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jwth.heads.checkpoint import pool_with_head
 from jwth.wsi.reader import SlideReader, SlideReadError, open_slide
 from jwth.wsi.tiling import TilingPlan, plan_tiles, read_tile, save_preview
 
@@ -179,6 +184,7 @@ def extract_slide(
     preview: str | Path | None = None,
     on_tile_error: Callable[[str, int, int, int, str], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    head=None,
 ) -> dict:
     """Tile one slide, encode its tiles and write ``out_h5`` atomically.
 
@@ -198,6 +204,9 @@ def extract_slide(
         preview: optional PNG path for the tiling preview.
         on_tile_error: called ``(slide_id, index, x, y, error)`` for each skipped tile.
         progress: called with the number of tiles done after each batch.
+        head: optional trained :class:`jwth.heads.JWTHAttentionHead` (see
+            :func:`jwth.heads.checkpoint.load_attention_head`) run on each batch's tokens;
+            ``embedding`` is then ``jwth-head`` (module docstring).
 
     Returns:
         ``{"slide", "status" ("done" | "empty"), "reason", "n_tiles", "n_bad_tiles",
@@ -221,8 +230,11 @@ def extract_slide(
     out_h5.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_h5.with_name(out_h5.name + ".partial")
     D = int(encoder.embed_dim)
+    if head is not None:
+        embedding = "jwth-head"
+        head = head.to(device).eval()
     E = D if embedding == "cls" else 2 * D
-    if embedding not in EMBEDDINGS:
+    if embedding not in EMBEDDINGS and head is None:
         raise ValueError(f"Unknown embedding {embedding!r}; choose one of {EMBEDDINGS}.")
     device = torch.device(device)
     n_bad = 0
@@ -232,7 +244,7 @@ def extract_slide(
         coords_ds = f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
         feat_ds = f.create_dataset("features", shape=(0, E), maxshape=(None, E), dtype="float32",
                                    chunks=(max(1, min(1024, (1 << 20) // (4 * E))), E))
-        patch_ds = None
+        patch_ds = head_ds = None
         attrs = plan.attrs()
         for k, v in attrs.items():
             coords_ds.attrs[k] = v
@@ -260,7 +272,12 @@ def extract_slide(
                     xk = x[keep].to(device, non_blocking=True)
                     with torch.inference_mode(), autocast(device, precision):
                         tok = encoder(xk)
-                        emb = embed_tokens(tok.cls, tok.patches, embedding)
+                        emb = embed_tokens(tok.cls, tok.patches, embedding) if head is None else None
+                    if head is not None:
+                        emb, att, prob = pool_with_head(head, tok.cls, tok.patches)
+                        head_ds = head_ds or _head_datasets(f, att.shape[1:], prob.shape[1])
+                        _append(head_ds[0], att.cpu().numpy().astype(np.float16))
+                        _append(head_ds[1], prob.cpu().numpy())
                     _append(feat_ds, emb.float().cpu().numpy())
                     _append(coords_ds, plan.coords[idx[keep].numpy()])
                     if save_patch_tokens:
@@ -279,6 +296,15 @@ def extract_slide(
     reason = plan.reason if plan.status != "ok" else ("every tile failed to decode" if not n_written else "")
     return {"slide": plan.slide_id, "status": status, "reason": reason, "n_tiles": n_written,
             "n_bad_tiles": n_bad, "seconds": round(time.perf_counter() - t0, 3), "h5": str(out_h5)}
+
+
+def _head_datasets(f: h5py.File, attn_shape: tuple, num_classes: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """The ``attention`` (N, H, P) float16 and ``probs`` (N, C) datasets of ``jwth-head`` files."""
+    att = f.create_dataset("attention", shape=(0, *attn_shape), maxshape=(None, *attn_shape), dtype="float16",
+                           chunks=(max(1, 4096 // attn_shape[-1]), *attn_shape))
+    probs = f.create_dataset("probs", shape=(0, num_classes), maxshape=(None, num_classes), dtype="float32",
+                             chunks=(4096, num_classes))
+    return att, probs
 
 
 def _log_status(out_dir: Path, rec: dict, rank: int | None = None) -> None:
