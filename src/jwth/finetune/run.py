@@ -217,6 +217,7 @@ def finetune_run(cfg: FinetuneRunConfig, quiet: bool = False) -> dict:
             **info, "head": head, "augment": ft.augment, "device": str(device), "precision": cfg.precision,
             "wall_seconds": round(sum(r["wall_seconds"] for r in records), 2),
             "train_tiles_per_s": round(train_tiles / max(train_s, 1e-9), 2),
+            "train_cpu_seconds": round(sum(r.get("train_cpu_seconds", 0.0) for r in records), 2),
             "infer_tiles_per_s": round(float(np.mean([r["infer_tiles_per_s"] for r in records])), 2),
             "peak_memory_mib": max(mems), "peak_memory_kind": records[0]["peak_memory_kind"],
             "preloaded_tiles": bool(preloaded),

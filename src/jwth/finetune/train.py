@@ -263,7 +263,9 @@ def fit(
 
     Returns:
         ``{"curve": [{"epoch", "train_loss", "val_loss", "val_bacc", "seconds"}], "best_epoch",
-        "epochs_run", "train_seconds", "train_tiles", "train_tiles_per_s"}``.
+        "epochs_run", "train_seconds", "train_tiles", "train_tiles_per_s", "train_cpu_seconds"}``
+        (seconds of wall time; ``train_cpu_seconds`` is this process's CPU time, which does not
+        grow when other jobs share the CPU).
     """
     w = class_weights(y[fit_idx], model.head.fc.out_features) if cfg.class_balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=None if w is None else w.to(device))
@@ -273,7 +275,7 @@ def fit(
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.resolved_encoder_lr()})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, len(fit_idx) // cfg.batch_size)
+    steps = cfg.epochs * max(1, math.ceil(len(fit_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     dtype = resolve_precision(device, precision)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -282,9 +284,9 @@ def fit(
     stopper = EarlyStopping(cfg.patience)
     trainable = head_params + enc_params
     enc = model.encoder
-    curve, train_s, seen = [], 0.0, 0
+    curve, train_s, cpu_s, seen = [], 0.0, 0.0, 0
     for epoch in range(cfg.epochs):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         model.train()
         order = fit_idx[torch.randperm(len(fit_idx), generator=g).numpy()]
         total, n = 0.0, 0
@@ -308,6 +310,7 @@ def fit(
             if on_batch:
                 on_batch(len(i))
         train_s += time.time() - t0
+        cpu_s += time.process_time() - c0
         seen += n
         p, _ = evaluate(model, images, val_idx, cfg, device, precision, num_workers)
         val_loss = weighted_nll(p, y[val_idx], None if w is None else w.numpy())
@@ -325,6 +328,7 @@ def fit(
         "train_seconds": round(train_s, 2),
         "train_tiles": seen,
         "train_tiles_per_s": round(seen / max(train_s, 1e-9), 2),
+        "train_cpu_seconds": round(cpu_s, 2),  # CPU time of this process: throughput on a shared machine
     }
 
 
