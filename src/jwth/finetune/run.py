@@ -276,6 +276,10 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
         axes[1].plot(ep, [r["train_loss"] for r in c], ls="--", color=line.get_color(), label=f"fold {k} train")
     axes[0].set(xlabel="epoch", ylabel="validation balanced accuracy", title=f"{title} (★ best epoch)")
     axes[1].set(xlabel="epoch", ylabel="class-weighted cross-entropy", title="train (dashed) / validation loss")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
