@@ -5,6 +5,7 @@ from jwth.cli import probe  # noqa: F401  (extract, probe, demo, encoders)
 from jwth.cli import slides  # noqa: F401
 from jwth.cli import pretrain  # noqa: F401
 from jwth.cli import nuclei  # noqa: F401
+from jwth.cli import finetune  # noqa: F401
 
 
 def main() -> None:

@@ -138,7 +138,11 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> Tokens:
-        """Encode a batch.
+        """Encode a batch without gradients (the frozen encoder); see :meth:`encode`."""
+        return self.encode(x)
+
+    def encode(self, x: torch.Tensor) -> Tokens:
+        """Encode a batch, keeping the autograd graph (used by fine-tuning).
 
         Args:
             x: normalised images, (B, 3, H, W), H and W multiples of the patch size.

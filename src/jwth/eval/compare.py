@@ -42,7 +42,7 @@ def read_predictions(run_dir: str | Path) -> tuple[pd.DataFrame, dict, list[str]
         if not f.is_file():
             raise FileNotFoundError(
                 f"{f} not found: {run} is not a finished probe run. Pass the --out folder of a "
-                "completed `jwth probe` or `jwth demo`."
+                "completed `jwth probe`, `jwth demo` or `jwth finetune`."
             )
     try:
         df = pd.read_csv(pred_file)
@@ -152,8 +152,11 @@ def compare_runs(
 def comparison_table(cmp: dict) -> str:
     """Markdown table of :func:`compare_runs` output."""
     m = cmp["metric"]
+    a, b = cmp["encoder_a"] or cmp["a"], cmp["encoder_b"] or cmp["b"]
+    if a == b:  # same encoder (e.g. a fine-tuned run against a frozen probe): name the run folders
+        a, b = cmp["a"], cmp["b"]
     lines = [
-        f"A = {cmp['encoder_a'] or cmp['a']}, B = {cmp['encoder_b'] or cmp['b']} "
+        f"A = {a}, B = {b} "
         f"({cmp['n_tiles']} tiles, {cmp['n_patients']} patients; paired bootstrap over patients)",
         "",
         f"| head | level | {m} A | {m} B | A - B [95% CI] | P(A <= B) |",

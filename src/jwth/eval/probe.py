@@ -82,7 +82,15 @@ def load_features(
     return feats
 
 
-def _summaries(y, prob, patients, n_boot, seed):
+def summarize(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Tile- and patient-level metrics with 95 % bootstrap CIs over patients.
+
+    Args:
+        y: class index per tile (T,); prob: class probabilities (T, C); patients: (T,).
+
+    Returns:
+        ``{"tile": {...}, "patient": {...}}`` as in docs/results-schema.md.
+    """
     out = {}
     tile = classification_metrics(y, prob)
     for m in METRICS:
@@ -205,7 +213,7 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=No
     results: dict = {"heads": {}, "comparisons": {}}
     seed = cfg.train.seed
     for h in heads:
-        s = _summaries(yt, oof[h][tested], pt, cfg.n_boot, seed)
+        s = summarize(yt, oof[h][tested], pt, cfg.n_boot, seed)
         folds_bacc = [f["tile_bacc"] for f in per_fold[h]]
         s["folds"] = per_fold[h]
         s["fold_tile_bacc_mean"] = float(np.mean(folds_bacc))

@@ -12,7 +12,7 @@ import yaml
 
 import jwth
 from jwth.cache.extract import extract_tokens
-from jwth.data.tiles import read_labels
+from jwth.data.tiles import TileTable, read_labels
 from jwth.device import resolve_device, resolve_precision
 from jwth.encoders import load_encoder
 from jwth.eval import report
@@ -42,13 +42,48 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-def _positive_index(classes: list[str], tiles, positive: str | None) -> int:
+def positive_index(classes: list[str], tiles, positive: str | None) -> int:
     if positive is not None:
         if positive not in classes:
             raise ValueError(f"--positive {positive!r} is not a class; classes: {classes}.")
         return classes.index(positive)
     per_class = tiles.groupby("label")["patient_id"].nunique()
     return classes.index(per_class.idxmin()) if len(classes) == 2 else len(classes) - 1
+
+
+def load_table(cfg: RunConfig) -> TileTable:
+    """Read and check the label file of ``cfg`` and check that its split is possible.
+
+    Shared by ``jwth probe`` and ``jwth finetune`` so both stop on bad input with the same
+    errors, before any tile is encoded.
+
+    Raises:
+        ValueError / FileNotFoundError: see :func:`jwth.data.tiles.read_labels` and
+            :func:`jwth.eval.probe.make_splits`.
+    """
+    table = read_labels(
+        cfg.data, cfg.labels, cfg.path_col, cfg.label_col,
+        None if (cfg.patient_col or "").lower() in ("", "none") else cfg.patient_col,
+        cfg.site_col, cfg.classes,
+        check_files=not cfg.skip_bad_tiles,  # with --skip-bad-tiles a missing file is skipped and recorded
+    )
+    # an impossible split fails here, before any token is computed
+    make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe, table.classes)
+    return table
+
+
+def resolved_config(cfg, device: torch.device, encoder, table: TileTable) -> dict:
+    """The configuration as run (saved as config.yaml): options, versions, device, encoder, data notes."""
+    return {
+        "jwth_version": jwth.__version__,
+        "torch_version": str(torch.__version__),
+        "platform": platform.platform(),
+        **_asdict(cfg),
+        "device": str(device),
+        "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
+        "encoder_info": encoder.describe(),
+        "data_notes": table.notes,
+    }
 
 
 def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
@@ -67,14 +102,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     """
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
     out = Path(cfg.out)
-    table = read_labels(
-        cfg.data, cfg.labels, cfg.path_col, cfg.label_col,
-        None if (cfg.patient_col or "").lower() in ("", "none") else cfg.patient_col,
-        cfg.site_col, cfg.classes,
-        check_files=not cfg.skip_bad_tiles,  # with --skip-bad-tiles a missing file is skipped and recorded
-    )
-    # an impossible split fails here, before any token is computed
-    make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe, table.classes)
+    table = load_table(cfg)
     device = resolve_device(cfg.device)
     encoder = load_encoder(cfg.encoder, device=device)
     if encoder.random_init and not quiet:
@@ -90,17 +118,8 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         precision=cfg.precision, skip_bad_tiles=cfg.skip_bad_tiles, quiet=quiet,
     )
     extract_s = time.time() - t0
-    resolved = {
-        "jwth_version": jwth.__version__,
-        "torch_version": str(torch.__version__),
-        "platform": platform.platform(),
-        **_asdict(cfg),
-        "device": str(device),
-        "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
-        "cache": str(cache_dir),
-        "encoder_info": encoder.describe(),
-        "data_notes": table.notes,
-    }
+    resolved = resolved_config(cfg, device, encoder, table)
+    resolved["cache"] = str(cache_dir)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     try:
         # labels, patients and sites from the current label file and options, aligned with the
@@ -108,7 +127,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         tiles = cache.tiles[["path"]].merge(table.df, on="path", how="left", validate="one_to_one")
         po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes)
         classes = po.results["classes"]
-        pos = _positive_index(classes, tiles, cfg.probe.positive_class)
+        pos = positive_index(classes, tiles, cfg.probe.positive_class)
         res = {
             "dataset": table.root.name,
             "data": str(cfg.data),
@@ -144,4 +163,4 @@ def _asdict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["RunConfig", "probe_run"]
+__all__ = ["RunConfig", "load_table", "positive_index", "probe_run", "resolved_config"]
