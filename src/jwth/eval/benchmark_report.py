@@ -166,8 +166,7 @@ def plot_delta_heatmap(path: Path, res: dict, comparison: str = "attention-minus
     plt = _plt()
     lim = max(0.05, float(np.nanmax(np.abs(D))))
     fig, ax = plt.subplots(figsize=(1.7 * len(evals) + 2.5, 0.9 * len(tasks) + 1.8))
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(D), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     for i in range(len(tasks)):
         for j in range(len(evals)):
