@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 import yaml
 
 import jwth
-from jwth.eval.probe import ProbeConfig
+from jwth.eval.run import RunConfig
 from jwth.eval.splits import LeakError, assert_no_leak, inner_split, patient_folds, site_split
 from jwth.eval.tasks import (
     Evaluation,
@@ -45,27 +45,17 @@ from jwth.eval.tasks import (
 
 
 @dataclass
-class BenchmarkConfig:
-    """The resolved configuration of ``jwth benchmark`` (saved as config.yaml)."""
+class BenchmarkConfig(RunConfig):
+    """The resolved configuration of ``jwth benchmark`` (saved as config.yaml).
 
-    data: str
-    tasks: str
-    encoder: str
-    out: str
-    cache: str | None = None
-    labels: str = "labels.csv"
-    path_col: str = "path"
-    label_col: str = "label"
-    patient_col: str | None = "patient_id"
-    site_col: str | None = None
+    The fields of ``jwth probe``'s :class:`jwth.eval.run.RunConfig` (``probe.split`` and
+    ``probe.test_sites`` are unused: the task file's evaluations define the splits), plus
+    the task file, an optional cap on tiles per patient, and the level of the first tables.
+    """
+
+    tasks: str = "tcga_crc"
     tiles_per_patient: int | None = None
     level: str = "patient"
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    num_workers: int = 1
-    skip_bad_tiles: bool = False
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 class CellSkip(Exception):

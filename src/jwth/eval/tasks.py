@@ -153,13 +153,19 @@ def _parse_classes(path, name: str, raw) -> dict[str, list[str]]:
     return classes
 
 
-def _parse_evaluation(path, e) -> Evaluation:
+def _entry_name(path, e, what: str, keys: set[str], hint: str) -> str:
+    """The name of a task / evaluation entry, after checking it is a mapping without unknown keys."""
     if not isinstance(e, dict) or "name" not in e:
-        raise _err(path, f"each evaluation needs a name and one of pooled / within / train+test / test_sites; got {e!r}.")
+        raise _err(path, f"each {what} needs a 'name'{hint}; got {e!r}.")
     name = str(e["name"])
-    unknown = set(e) - _EVAL_KEYS
+    unknown = set(e) - keys
     if unknown:
-        raise _err(path, f"evaluation {name!r}: unknown key(s) {sorted(unknown)}; keys: {sorted(_EVAL_KEYS)}.")
+        raise _err(path, f"{what} {name!r}: unknown key(s) {sorted(unknown)}; keys: {sorted(keys)}.")
+    return name
+
+
+def _parse_evaluation(path, e) -> Evaluation:
+    name = _entry_name(path, e, "evaluation", _EVAL_KEYS, " and one of pooled / within / train+test / test_sites")
     kinds = [k for k in ("pooled", "within", "train", "test_sites") if k in e]
     if len(kinds) != 1 or ("train" in e) != ("test" in e):
         raise _err(path, f"evaluation {name!r}: give exactly one of 'pooled: true', 'within: <cohort>', "
@@ -203,12 +209,7 @@ def load_task_file(path: str | Path) -> TaskFile:
         raise _err(path, f"unknown key(s) {sorted(unknown)}; keys: {sorted(_TOP_KEYS)}.")
     tasks = []
     for t in doc["tasks"]:
-        if not isinstance(t, dict) or "name" not in t:
-            raise _err(path, f"each task needs a 'name'; got {t!r}.")
-        name = str(t["name"])
-        bad = set(t) - _TASK_KEYS
-        if bad:
-            raise _err(path, f"task {name!r}: unknown key(s) {sorted(bad)}; keys: {sorted(_TASK_KEYS)}.")
+        name = _entry_name(path, t, "task", _TASK_KEYS, "")
         for key in ("column", "classes"):
             if key not in t:
                 raise _err(path, f"task {name!r}: missing {key!r}.")
