@@ -59,3 +59,34 @@ def test_benchmark_two_tasks_on_real_tiles(root, real_mini, tmp_path):
               "attention-minus-linear", "skipped (a)", "(a) skipped: Too few training patients"):
         assert s in md, s
     assert "|" in r.output and "cells evaluated" in r.output
+
+
+def test_tables_say_why_a_value_or_ci_is_missing():
+    from jwth.eval.report import results_table
+
+    nan = float("nan")
+    block = {"bacc": 0.4, "bacc_ci": [nan, nan], "auroc": nan, "auroc_ci": [nan, nan], "f1_macro": 0.3, "n": 9}
+    res = {"heads": {"linear": {"tile": block, "patient": block}}, "classes": ["a", "b", "c"],
+           "baselines": {"tile-count": {"patient": block}}, "warnings": ["split 0: class(es) ['c'] have no training tiles"]}
+    md = results_table(res)
+    assert "| linear | tile | 0.400 [—]† | —‡ |" in md and "n/a" not in md
+    assert "‡ undefined: a class has no test tiles" in md and "† no CI: fewer than 10" in md
+    assert "| baseline: tile count | patient |" in md and "| baseline: tile count | tile |" not in md
+    assert "macro average of the 3 one-vs-rest AUROCs" in md and "WARNING: split 0" in md
+
+
+def test_multiclass_roc_titles_carry_the_table_auroc(tmp_path, monkeypatch):
+    import numpy as np
+
+    from jwth.eval import report
+    from jwth.eval.metrics import metric
+
+    titles = []
+    plt = report._plt()
+    monkeypatch.setattr(plt.Axes, "set", lambda self, **kw: titles.append(kw.get("title")), raising=True)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 5)
+    prob = rng.dirichlet(np.ones(4), size=20)
+    report.plot_roc(tmp_path / "roc.png", y, {"linear": prob}, np.arange(20).astype(str), list("ABCD"), 3)
+    assert (tmp_path / "roc.png").is_file()
+    assert f"linear — tile: macro one-vs-rest AUROC {metric('auroc', y, prob):.3f}" in titles

@@ -57,7 +57,7 @@ def benchmark(
         )
         res = benchmark_run(cfg)
     except KeyboardInterrupt:
-        typer.secho(f"\ninterrupted: finished tiles are saved in the cache; rerun the same command to resume.", err=True)
+        typer.secho("\ninterrupted: finished tiles are saved in the cache; rerun the same command to resume.", err=True)
         raise typer.Exit(code=130)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
