@@ -190,7 +190,7 @@ def plot_forest(path: Path, res: dict, task: str, level: str = "patient") -> Non
     evals, cells = _evals(res), _cells(res)
     preds = [("heads", h, h) for h in res["heads"]] + [
         ("baselines", b, BASELINE_LABELS.get(b, b)) for b in res.get("baselines", [])]
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(evals) * max(2, len(preds)) / 2 + 1.6))
+    fig, ax = plt.subplots(figsize=(10, 0.2 * len(evals) * max(2, len(preds)) + 1.4))
     cmap = plt.get_cmap("tab10")
     step = 0.8 / max(1, len(preds))
     for k, (kind, key, label) in enumerate(preds):
@@ -202,7 +202,7 @@ def plot_forest(path: Path, res: dict, task: str, level: str = "patient") -> Non
                 continue
             ci = m["bacc_ci"]
             ok = ci[0] is not None and not math.isnan(ci[0])
-            ys.append(j + 0.4 - (k + 0.5) * step)
+            ys.append(j - 0.4 + (k + 0.5) * step)  # y is inverted: first predictor on top
             xs.append(m["bacc"])
             lo.append(m["bacc"] - ci[0] if ok else 0)
             hi.append(ci[1] - m["bacc"] if ok else 0)
@@ -221,7 +221,7 @@ def plot_forest(path: Path, res: dict, task: str, level: str = "patient") -> Non
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"balanced accuracy, {level} level [95% CI] (dashed: chance 1/{C})")
     ax.set_title(f"{task}: every predictor on the same splits", fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
