@@ -6,6 +6,7 @@ from jwth.cli import slides  # noqa: F401
 from jwth.cli import pretrain  # noqa: F401
 from jwth.cli import nuclei  # noqa: F401
 from jwth.cli import finetune  # noqa: F401
+from jwth.cli import benchmark  # noqa: F401
 
 
 def main() -> None:

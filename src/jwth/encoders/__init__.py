@@ -9,7 +9,9 @@ Spec forms (see :func:`load_encoder`):
   ``h-optimus-0``, ``phikon-v2`` (see :mod:`jwth.encoders.registry`);
 - a local checkpoint: a folder with ``config.json`` + ``model.safetensors`` in
   timm's Hugging Face layout (what :func:`save_encoder_checkpoint` writes);
-- ``jwth:<name>`` -- a checkpoint released with this package.
+- ``jwth:<name>`` -- a checkpoint released with this package;
+- ``baseline:colour`` -- colour statistics, no learned weights
+  (:mod:`jwth.encoders.baselines`), the floor every encoder is read against.
 """
 
 from __future__ import annotations
@@ -263,6 +265,11 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> Encoder:
                 f"No released checkpoint {spec!r}; available: {released_checkpoints() or 'none yet'}."
             )
         enc = _load_local(folder, spec)
+    elif spec.startswith("baseline:"):
+        from jwth.encoders.baselines import load_baseline
+
+        name, _, query = spec[len("baseline:") :].partition("?")
+        enc = load_baseline(name, _parse_kwargs(query))
     elif spec.lower() in REGISTRY:
         entry = REGISTRY[spec.lower()]
         if entry.loader == "transformers":
@@ -274,8 +281,8 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> Encoder:
     else:
         raise ValueError(
             f"Unknown encoder spec {spec!r}. Use timm:<model>, hf-hub:<org>/<repo>, "
-            f"jwth:<name> ({released_checkpoints() or 'none released yet'}), a checkpoint "
-            f"folder, or one of {sorted(REGISTRY)}."
+            f"jwth:<name> ({released_checkpoints() or 'none released yet'}), baseline:colour, "
+            f"a checkpoint folder, or one of {sorted(REGISTRY)}."
         )
     return enc.to(device)
 

@@ -24,7 +24,7 @@ from jwth.eval.metrics import (
     classification_metrics,
     paired_bootstrap,
 )
-from jwth.eval.splits import inner_split, patient_folds, site_split
+from jwth.eval.splits import inner_split, missing_training_classes, patient_folds, site_split
 from jwth.eval.train import Features, HeadTrainConfig, predict, select_and_fit
 from jwth.heads import build_head, normalize_tokens, parse_heads, token_input
 from jwth.progress import progress_bar
@@ -40,6 +40,7 @@ class ProbeConfig:
     test_sites: list[str] = field(default_factory=list)
     n_boot: int = 1000
     positive_class: str | None = None
+    baselines: list[str] = field(default_factory=lambda: ["majority", "colour", "tile-count"])
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
 
     def to_dict(self) -> dict:
@@ -52,6 +53,7 @@ class ProbeOutput:
     oof_prob: dict[str, np.ndarray]
     attention: dict[str, np.ndarray]
     test_mask: np.ndarray
+    splits: list = field(default_factory=list)
 
 
 def load_features(
@@ -132,12 +134,18 @@ def make_splits(y: np.ndarray, patients: np.ndarray, sites: np.ndarray, cfg: Pro
     return out
 
 
-def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=None, classes=None) -> ProbeOutput:
+def run_probe(
+    cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=None, classes=None,
+    feats: Features | None = None, splits: list | None = None, colour_cls: np.ndarray | None = None,
+) -> ProbeOutput:
     """Run the protocol on a complete token cache.
 
     Labels, patients and sites come from ``tiles`` (a table aligned with the cache rows,
     from the current label file and column options) when given, else from the table
-    stored with the cache.
+    stored with the cache. ``jwth benchmark`` passes features loaded once (``feats``)
+    and its own ``splits`` (tile indices into the cache rows; tiles outside them may
+    have no label). ``colour_cls`` (T, 72), the ``baseline:colour`` features of the
+    same rows, feeds the colour baseline (:mod:`jwth.eval.baselines`).
 
     Returns:
         :class:`ProbeOutput` with the results dict (schema in docs/results-schema.md),
@@ -153,7 +161,7 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=No
     if classes is None:
         classes = list(cache.manifest.get("classes") or sorted(tiles["label"].unique()))
     lookup = {c: i for i, c in enumerate(classes)}
-    y = tiles["label"].map(lookup).to_numpy(np.int64)
+    y = tiles["label"].map(lookup).fillna(-1).to_numpy(np.int64)  # -1: outside the given splits
     patients = tiles["patient_id"].to_numpy()
     sites = tiles["site"].to_numpy()
     C = len(classes)
@@ -164,10 +172,11 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=No
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.time()
-    feats = load_features(cache, kinds)
+    feats = load_features(cache, kinds) if feats is None else feats
     load_s = time.time() - t0
 
-    splits = make_splits(y, patients, sites, cfg, classes)
+    splits = make_splits(y, patients, sites, cfg, classes) if splits is None else splits
+    split_warnings = missing_training_classes(y, splits, classes)
 
     T, N = cache.n_tiles, int(cache.manifest.get("num_patches", 0))
     oof = {h: np.full((T, C), np.nan) for h in heads}
@@ -231,10 +240,15 @@ def run_probe(cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=No
                 "tile": paired_bootstrap(yt, oof[h][tested], oof["linear"][tested], pt, "bacc", cfg.n_boot, seed),
                 "patient": paired_bootstrap(yp, pp_h, pp_lin, None, "bacc", cfg.n_boot, seed),
             }
+    if cfg.baselines:
+        from jwth.eval.baselines import run_baselines
+
+        results["baselines"] = run_baselines(cfg, y, patients, splits, classes, colour_cls, quiet=quiet)
+    results["warnings"] = split_warnings
     results["classes"] = classes
     results["n_tiles"] = int(len(tested))
     results["n_patients"] = int(len(set(pt)))
     results["n_sites"] = int(len(set(sites[tested])))
     results["split"] = {"kind": cfg.split, "folds": len(splits), "test_sites": cfg.test_sites}
     results["timing_seconds"] = {"load_cache": round(load_s, 2), "total": round(time.time() - t0, 2)}
-    return ProbeOutput(results=results, oof_prob=oof, attention=attn, test_mask=test_mask)
+    return ProbeOutput(results=results, oof_prob=oof, attention=attn, test_mask=test_mask, splits=splits)

@@ -16,22 +16,55 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _ci(ci) -> str:
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+#: Footnotes used by :func:`value_ci` instead of a bare "n/a".
+NOTES = {
+    "‡": "‡ undefined: a class has no test tiles here (macro one-vs-rest AUROC needs every class).",
+    "†": "† no CI: fewer than 10 of the bootstrap resamples over patients hold two classes (too few patients).",
+}
+
+
+def _ci(ci, point=0.0) -> str:
+    if _nan(point):
+        return ""
+    return "[—]†" if _nan(ci[0]) or _nan(ci[1]) else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def value_ci(m: dict, key: str) -> str:
+    """``"0.612 [0.551, 0.680]"``, with a footnote mark (:data:`NOTES`) where a value or CI is undefined."""
+    v = m.get(key)
+    return "—‡" if _nan(v) else f"{_fmt(v)} {_ci(m.get(key + '_ci', [None, None]), v)}"
+
+
+def footnotes(text: str) -> str:
+    """The :data:`NOTES` whose marks occur in ``text``, one per line (empty if none)."""
+    return "\n".join(n for mark, n in NOTES.items() if mark in text)
+
+
+BASELINE_LABELS = {"majority": "majority class", "colour": "colour statistics (linear)", "tile-count": "tile count"}
 
 
 def results_table(results: dict) -> str:
-    """The Markdown table of a probe's results (one row per head and level)."""
+    """The Markdown table of a probe's results (one row per head and level, then the baselines)."""
     lines = [
         "| head | level | balanced accuracy [95% CI] | AUROC [95% CI] | macro-F1 | n |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for h, r in results["heads"].items():
+    rows = [(h, r) for h, r in results["heads"].items()]
+    rows += [(f"baseline: {BASELINE_LABELS.get(b, b)}", r) for b, r in (results.get("baselines") or {}).items()]
+    for h, r in rows:
+        if "skipped" in r:
+            lines.append(f"| {h} | — | skipped: {r['skipped']} | | | |")
+            continue
         for level in ("tile", "patient"):
+            if level not in r:
+                continue
             m = r[level]
             lines.append(
-                f"| {h} | {level} | {_fmt(m['bacc'])} {_ci(m['bacc_ci'])} | {_fmt(m['auroc'])} "
-                f"{_ci(m['auroc_ci'])} | {_fmt(m['f1_macro'])} | {m['n']} |"
+                f"| {h} | {level} | {value_ci(m, 'bacc')} | {value_ci(m, 'auroc')} | {_fmt(m['f1_macro'])} | {m['n']} |"
             )
     if results.get("comparisons"):
         lines += ["", "| comparison (paired bootstrap over patients) | level | Δ balanced accuracy [95% CI] | P(Δ ≤ 0) |", "| --- | --- | --- | --- |"]
@@ -39,7 +72,12 @@ def results_table(results: dict) -> str:
             for level in ("tile", "patient"):
                 d = c[level]
                 lines.append(f"| {name} | {level} | {d['diff']:+.3f} {_ci(d['ci'])} | {_fmt(d['p_le_0'])} |")
-    return "\n".join(lines)
+    if len(results.get("classes", [])) > 2:
+        lines += ["", f"AUROC: macro average of the {len(results['classes'])} one-vs-rest AUROCs."]
+    for w in results.get("warnings") or []:
+        lines += ["", f"WARNING: {w}"]
+    notes = footnotes("\n".join(lines))
+    return "\n".join(lines + (["", notes] if notes else []))
 
 
 def write_markdown(path: Path, results: dict) -> None:
@@ -78,12 +116,19 @@ def _plt():
 
 
 def plot_confusion(path: Path, y: np.ndarray, oof: dict, patients: np.ndarray, classes: list[str]) -> None:
-    """Tile- and patient-level confusion matrices (row-normalised) for each head."""
+    """Tile- and patient-level confusion matrices for each head, row-normalised (recall per true class).
+
+    Panels grow with the number of classes C and the predicted-class labels are rotated,
+    so matrices stay readable up to about 10 classes; the title of each says it is
+    row-normalised and how many tiles / patients it counts.
+    """
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _plt()
     heads = list(oof)
-    fig, axes = plt.subplots(2, len(heads), figsize=(3.6 * len(heads), 6.6), squeeze=False)
+    C = len(classes)
+    side = max(3.6, 0.6 * C + 1.6)
+    fig, axes = plt.subplots(2, len(heads), figsize=(side * len(heads), 2 * side + 0.4), squeeze=False)
     for j, h in enumerate(heads):
         p = oof[h]
         pp, yp, _ = aggregate_by_patient(p, y, patients)
@@ -91,18 +136,28 @@ def plot_confusion(path: Path, y: np.ndarray, oof: dict, patients: np.ndarray, c
             ConfusionMatrixDisplay.from_predictions(
                 yy, pr.argmax(1), labels=range(len(classes)), display_labels=classes,
                 normalize="true", values_format=".2f", ax=axes[i, j], colorbar=False,
+                xticks_rotation=45 if C > 4 else "horizontal", text_kw={"fontsize": 9 if C <= 6 else 7},
             )
-            axes[i, j].set_title(f"{h} — {lvl}")
+            axes[i, j].set_title(f"{h} — {lvl} (n={len(yy)})\nrow-normalised: recall per true class", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_roc(path: Path, y: np.ndarray, oof: dict, patients: np.ndarray, classes: list[str], positive: int) -> None:
-    """ROC curves of each head at tile and patient level (positive class vs rest)."""
+    """ROC curves of each head at tile and patient level.
+
+    Two classes: one curve per head, positive class vs the other, labelled with the
+    AUROC of the results table. More classes: one panel per head and level with the
+    one-vs-rest curve of every class (its AUROC in the legend), titled with the
+    macro one-vs-rest AUROC -- the mean of those, the quantity in the results table.
+    """
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _plt()
+    if len(classes) > 2:
+        _plot_roc_multiclass(plt, path, y, oof, patients, classes)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for h, p in oof.items():
         pp, yp, _ = aggregate_by_patient(p, y, patients)
@@ -116,6 +171,38 @@ def plot_roc(path: Path, y: np.ndarray, oof: dict, patients: np.ndarray, classes
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{lvl} level, positive = {classes[positive]}")
         ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_roc_multiclass(plt, path, y, oof, patients, classes) -> None:
+    from sklearn.metrics import roc_curve
+
+    from jwth.eval.metrics import metric
+
+    heads = list(oof)
+    fig, axes = plt.subplots(len(heads), 2, figsize=(10, 4.3 * len(heads)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, h in enumerate(heads):
+        pp, yp, _ = aggregate_by_patient(oof[h], y, patients)
+        for j, (yy, pr, lvl) in enumerate([(y, oof[h], "tile"), (yp, pp, "patient")]):
+            ax = axes[i, j]
+            for c, name in enumerate(classes):
+                t = (yy == c).astype(int)
+                if len(np.unique(t)) < 2:
+                    ax.plot([], [], color=cmap(c % 10), label=f"{name}: no test {lvl}s of this class")
+                    continue
+                fpr, tpr, _ = roc_curve(t, pr[:, c])
+                auc = metric("auroc", t, np.stack([1 - pr[:, c], pr[:, c]], 1))
+                ax.plot(fpr, tpr, color=cmap(c % 10), lw=1.2, label=f"{name} vs rest ({auc:.3f})")
+            macro = metric("auroc", yy, pr)
+            macro_s = f"{macro:.3f}" if np.isfinite(macro) else "undefined (a class has no test samples)"
+            ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+            ax.set(xlabel="false positive rate", ylabel="true positive rate",
+                   title=f"{h} — {lvl}: macro one-vs-rest AUROC {macro_s}")
+            ax.title.set_fontsize(9)
+            ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ from jwth.data.tiles import TileTable, read_labels
 from jwth.device import resolve_device, resolve_precision
 from jwth.encoders import load_encoder
 from jwth.eval import report
+from jwth.eval.baselines import colour_features
 from jwth.eval.probe import ProbeConfig, make_splits, run_probe
 from jwth.heads import parse_heads
 
@@ -125,7 +126,10 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         # labels, patients and sites from the current label file and options, aligned with the
         # cache rows (a cache holds tokens; it never decides how tiles are grouped)
         tiles = cache.tiles[["path"]].merge(table.df, on="path", how="left", validate="one_to_one")
-        po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes)
+        colour = None
+        if "colour" in cfg.probe.baselines:
+            colour = colour_features(table, cache, cache_dir / "baseline-colour", cfg.batch_size, cfg.num_workers, quiet)
+        po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes, colour_cls=colour)
         classes = po.results["classes"]
         pos = positive_index(classes, tiles, cfg.probe.positive_class)
         res = {

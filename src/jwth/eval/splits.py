@@ -135,3 +135,33 @@ def inner_split(
     if len(np.unique(labels[val_idx])) < 2:
         warnings.warn("The inner validation split holds one class; hyper-parameters fall back to the first grid point.")
     return fit_idx, val_idx
+
+
+def missing_training_classes(
+    labels: np.ndarray, splits: Sequence[tuple], class_names: Sequence[str], what: str = "split"
+) -> list[str]:
+    """Warnings for classes with no training tiles, or no test tiles, in a split.
+
+    A head cannot predict a class it never saw; macro one-vs-rest AUROC is undefined
+    when a class is absent from the test side. Each warning is also emitted with
+    :func:`warnings.warn` so it is printed; callers record the returned list.
+
+    Args:
+        labels: class index per tile (T,); tiles outside the run may be -1.
+        splits: (train_idx, test_idx, ...) tuples.
+        class_names: class index -> name.
+
+    Returns:
+        One message per split and side with a missing class.
+    """
+    out = []
+    labels = np.asarray(labels)
+    for k, sp in enumerate(splits):
+        for side, idx in (("training", sp[0]), ("test", sp[1])):
+            absent = [class_names[c] for c in range(len(class_names)) if not (labels[idx] == c).any()]
+            if absent:
+                msg = f"{what} {k}: class(es) {absent} have no {side} tiles"
+                msg += " (the heads never learn them)" if side == "training" else " (AUROC is undefined there)"
+                warnings.warn(msg, stacklevel=2)
+                out.append(msg)
+    return out

@@ -1,0 +1,73 @@
+"""`jwth benchmark`: biomarkers x cohorts on one token cache, with trivial baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jwth.cli.app import app
+from jwth.cli.probe import _HEADS_HELP, _csv, _fail
+
+
+@app.command()
+def benchmark(
+    data: Path = typer.Option(..., "--data", help="Tile data set folder (with labels.csv)."),
+    tasks: str = typer.Option(..., "--tasks", help="Task file (YAML, docs/benchmark.md) or a shipped one: tcga_crc."),
+    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default; baseline:colour works too)."),
+    out: Path = typer.Option(..., "--out", help="Run folder for results, config and figures."),
+    heads: str = typer.Option("linear,attention", help=_HEADS_HELP),
+    baselines: str = typer.Option("majority,colour,tile-count", help="Trivial baselines scored on the same splits ('none' to skip)."),
+    folds: int = typer.Option(5, help="k for patient k-fold cells (lowered per cell to the rarest class's patients)."),
+    level: str = typer.Option("patient", help="Level of the first tables and of the figures: patient or tile."),
+    tiles_per_patient: Optional[int] = typer.Option(None, help="Keep at most this many tiles per patient (seeded): a cheaper subset."),
+    cache: Optional[Path] = typer.Option(None, help="Token cache folder (default <out>/cache)."),
+    labels: str = typer.Option("labels.csv", help="Label file inside --data."),
+    path_col: str = typer.Option("path"),
+    label_col: str = typer.Option("label", help="labels.csv label column (read and checked; tasks name their own columns)."),
+    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
+    site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
+    epochs: int = typer.Option(10, help="Head training epochs."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(32, help="Extraction batch size."),
+    num_workers: int = typer.Option(1),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("auto"),
+    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
+) -> None:
+    """Every task of a task file x every cohort setting, one token cache, baselines in every table."""
+    from jwth.encoders import DEFAULT_ENCODER
+    from jwth.eval.baselines import parse_baselines
+    from jwth.eval.benchmark import BenchmarkConfig, benchmark_run
+    from jwth.eval.probe import ProbeConfig
+    from jwth.eval.train import HeadTrainConfig
+    from jwth.heads import parse_heads
+
+    try:
+        cfg = BenchmarkConfig(
+            data=str(data), tasks=tasks, encoder=encoder or DEFAULT_ENCODER, out=str(out),
+            cache=str(cache) if cache else None, labels=labels, path_col=path_col, label_col=label_col,
+            patient_col=patient_col, site_col=site_col, tiles_per_patient=tiles_per_patient, level=level,
+            device=device, precision=precision, batch_size=batch_size, num_workers=num_workers,
+            skip_bad_tiles=skip_bad_tiles,
+            probe=ProbeConfig(heads=parse_heads(heads), folds=folds, n_boot=n_boot, baselines=parse_baselines(baselines),
+                              train=HeadTrainConfig(epochs=epochs, seed=seed)),
+        )
+        res = benchmark_run(cfg)
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted: finished tiles are saved in the cache; rerun the same command to resume.", err=True)
+        raise typer.Exit(code=130)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    from jwth.eval.benchmark_report import head_table, _Reasons
+
+    reasons = _Reasons()
+    for h in res["heads"]:
+        typer.echo(f"\n{h} ({res['level']} level):\n" + head_table(res, h, res["level"], reasons).replace("<br>", " · "))
+    for line in reasons.lines():
+        typer.echo(line)
+    skipped = sum(c["status"] != "ok" for c in res["cells"])
+    typer.echo(f"\n{len(res['cells']) - skipped} cells evaluated, {skipped} skipped; run folder: {out} "
+               f"(results.md, results.json, {', '.join(res['figures'])})")
