@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile
 
+from jwth.data.labels import read_table, validate_labels
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated tile is an error, never silent garbage
 
 TCGA_PATIENT = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
@@ -108,48 +110,15 @@ def read_labels(
             f"{lf} not found. A tile data set is a folder with a labels.csv having columns "
             f"'{path_col},{label_col}' (optional patient_id, site); pass --labels to name another file."
         )
-    try:
-        raw = pd.read_csv(lf, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{lf} is empty: add a header '{path_col},{label_col}' and one row per tile.")
-    for col in (path_col, label_col):
-        if col not in raw.columns:
-            raise ValueError(
-                f"{lf} has no column {col!r} (columns: {list(raw.columns)}). "
-                f"Rename it or pass --path-col/--label-col."
-            )
-    if len(raw) == 0:
-        raise ValueError(f"{lf} has a header but no rows: list one tile per row.")
+    raw = read_table(lf, (path_col, label_col), hint="Rename it or pass --path-col/--label-col.")
     notes: dict = {}
-    df = pd.DataFrame({"path": raw[path_col].str.strip(), "label": raw[label_col].str.strip()})
-    empty = df.index[df["label"] == ""].tolist()
-    if empty:
-        raise ValueError(f"{lf}: {len(empty)} rows have an empty label (first rows: {[i + 2 for i in empty[:5]]}).")
-    dup = df["path"][df["path"].duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{lf}: {len(dup)} tile paths are listed twice (e.g. {dup[:3]}); each tile once.")
-
-    found = sorted(df["label"].unique())
-    if classes is not None:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(
-                f"{lf}: labels {unknown} are not among the expected classes {list(classes)}. "
-                "Fix the label file or the --classes option."
-            )
-        cls_list = list(classes)
-    else:
-        cls_list = found
-    if len(set(found)) < 2:
-        raise ValueError(
-            f"{lf}: only one class ({found}) -- a classifier needs at least two. "
-            "Check the label column (--label-col)."
-        )
+    df = pd.DataFrame({"path": raw[path_col], "label": raw[label_col]})
 
     # patients
-    if patient_col and patient_col in raw.columns and (raw[patient_col].str.strip() != "").all():
-        df["patient_id"] = raw[patient_col].str.strip()
+    if patient_col and patient_col in raw.columns and (raw[patient_col] != "").all():
+        df["patient_id"] = raw[patient_col]
         notes["patient_source"] = f"column {patient_col}"
+        notes["patient_col"] = patient_col
     else:
         m = df["path"].str.extract(TCGA_PATIENT, expand=False)
         if m.notna().all():
@@ -158,30 +127,34 @@ def read_labels(
         else:
             df["patient_id"] = df["path"]
             notes["patient_source"] = "none (each tile its own patient)"
+            if patient_col is None:
+                why = "--patient-col none was given"
+            elif patient_col in raw.columns:
+                why = f"column {patient_col!r} has empty cells"
+            else:
+                why = f"there is no column {patient_col!r}"
             group_cols = [c for c in raw.columns if c.lower() in ("slide_id", "slide", "case_id", "case", "patient")]
             hint = f" or pass --patient-col {group_cols[0]} to group by that column" if group_cols else ""
             warnings.warn(
-                f"{lf}: no patient column ({patient_col!r}) and no TCGA barcode in the paths; "
-                "each tile is treated as its own patient, so splits are tile-level and "
-                f"tiles of one patient or slide may leak across splits. Add a patient_id column{hint}.",
+                f"{lf}: {why} and the paths hold no TCGA barcode, so each tile is its own patient: "
+                "splits are tile-level and tiles of one patient or slide may leak across splits. "
+                f"Add a patient_id column{hint}.",
                 stacklevel=2,
             )
-    per_patient = df.groupby("patient_id")["label"].nunique()
-    mixed = per_patient.index[per_patient > 1].tolist()
-    if mixed:
-        example = df[df["patient_id"] == mixed[0]]["label"].unique().tolist()
-        raise ValueError(
-            f"{lf}: {len(mixed)} patients have tiles with different labels (e.g. {mixed[0]}: "
-            f"{example}). Patient-level splits and metrics need one label per patient: fix the "
-            "labels, or if labels are tile properties (e.g. tissue type) drop the patient column "
-            "and pass --patient-col none."
-        )
+    cls_list = validate_labels(
+        df, lf, "path", "label", group_col="patient_id", classes=classes,
+        fix_group=", or if labels are tile properties (e.g. tissue type) drop the patient column "
+        "and pass --patient-col none",
+    )
 
     # sites
+    if site_col and site_col not in raw.columns:
+        raise ValueError(f"{lf} has no site column {site_col!r} (columns: {list(raw.columns)}); fix --site-col.")
     scol = site_col or next((c for c in SITE_COLUMNS if c in raw.columns), None)
-    if scol and scol in raw.columns:
-        df["site"] = raw[scol].str.strip()
+    if scol:
+        df["site"] = raw[scol]
         notes["site_source"] = f"column {scol}"
+        notes["site_col"] = scol
     elif df["patient_id"].str.match(TCGA_PATIENT).all():
         df["site"] = df["patient_id"].str.slice(5, 7)
         notes["site_source"] = "TCGA tissue-source site from barcode"
