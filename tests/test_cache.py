@@ -113,3 +113,38 @@ def test_tile_broken_mid_run_keeps_finished_work(tmp_path):
     last.write_bytes(good_bytes)  # fixed: the run resumes and completes
     done = extract_tokens(enc, table, tmp_path / "c", batch_size=4, num_workers=0, quiet=True)
     assert done.complete
+
+
+def test_complete_cache_held_by_a_reader_in_another_process(tmp_path):
+    """Re-running extraction on a complete cache that another process holds open: nothing to do, no lock error."""
+    import subprocess
+    import sys
+
+    data = write_tiles(tmp_path / "d", n_patients=4, per_patient=1)
+    table = read_labels(data)
+    enc = load_encoder("timm:vit_tiny_patch16_224?img_size=32")
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); "
+         "sys.stdin.read()", str(tmp_path / "c" / "tokens.h5")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        calls = _counting(enc)
+        c = extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True)
+        assert c.complete and calls["tiles"] == 0
+        c.close()
+    finally:
+        holder.communicate("", timeout=10)
+
+
+def test_damaged_cache_files_are_named(tmp_path):
+    from jwth.cache import CacheDamagedError
+
+    data = write_tiles(tmp_path / "d", n_patients=4, per_patient=1)
+    enc = load_encoder("timm:vit_tiny_patch16_224?img_size=32")
+    extract_tokens(enc, read_labels(data), tmp_path / "c", num_workers=0, quiet=True).close()
+    h5 = tmp_path / "c" / "tokens.h5"
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    with pytest.raises(CacheDamagedError, match="tokens.h5 cannot be opened as HDF5.*delete the folder"):
+        TokenCache.open(tmp_path / "c")

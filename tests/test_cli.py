@@ -17,6 +17,10 @@ def test_probe_end_to_end_on_real_tiles(real_mini, tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "RANDOMLY INITIALISED" in r.output and "| attention | patient |" in r.output
+    # classes with their counts are printed before extraction; chance level after the table
+    assert "2 classes: MSIMUT (24 tiles, 6 patients), MSS (24 tiles, 6 patients)" in r.output
+    assert r.output.index("2 classes:") < r.output.index("extracted")
+    assert "chance level: balanced accuracy 0.500 (2 classes)" in r.output
     for f in ("results.json", "results.md", "config.yaml", "predictions.csv", "confusion.png", "roc.png", "attention.png"):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
@@ -32,6 +36,8 @@ def test_probe_end_to_end_on_real_tiles(real_mini, tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["encoder"] == TINY and cfg["probe"]["heads"] == ["linear", "attention"]
     assert cfg["encoder_info"]["random_init"] is True and cfg["device"] == "cpu"
+    assert cfg["site_col"] == "tss" and cfg["patient_col"] == "patient_id"  # resolved, not the option's None
+    assert cfg["classes"] == ["MSIMUT", "MSS"]
     # a second run reuses the cache (no re-extraction) and gives the same numbers
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0 and "extracted" not in r2.output
@@ -102,3 +108,36 @@ def test_missing_tile_is_an_error_unless_skipped(tmp_path):
     r = runner.invoke(app, ["extract", "--data", str(data), "--encoder", TINY, "--cache", str(tmp_path / "c"),
                             "--num-workers", "0", "--skip-bad-tiles"])
     assert r.exit_code == 0 and "15 tiles" in r.output, r.output
+
+
+def test_near_duplicate_labels_stop_before_extraction(synth, tmp_path):
+    """labels MSIMUT / 'msimut ' / MSS used to run silently as a 3-class problem."""
+    import pandas as pd
+
+    df = pd.read_csv(synth / "labels.csv")
+    df["label"] = ["MSIMUT", "msimut ", "MSS"] * (len(df) // 3)
+    df["patient_id"] = [f"P{i}" for i in range(len(df))]
+    df.to_csv(synth / "labels.csv", index=False)
+    r = runner.invoke(app, ["probe", "--data", str(synth), "--encoder", TINY, "--out", str(tmp_path / "o"),
+                            "--num-workers", "0"])
+    assert r.exit_code == 2 and "'MSIMUT' / 'msimut'" in r.output and "extract" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_option_help_and_positive_class():
+    import pandas as pd
+
+    import re
+
+    from jwth.eval.run import _positive_index
+
+    for cmd, opts in (("probe", ("--device", "--precision", "--num-workers", "--path-col", "--label-col", "--seed")),
+                      ("extract", ("--device", "--precision", "--num-workers", "--path-col", "--label-col"))):
+        out = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "240"}).output
+        text = re.sub(r"\s+", " ", re.sub("[│╭╮╰╯─]", " ", out))
+        assert "RANDOM initialisation" in text and "timm:vit_small_patch16_224" in text
+        for opt in opts:  # every option has a help text (typer shows the option name, then its help)
+            assert re.search(re.escape(opt) + r" \S+ [A-Z]", text), (cmd, opt)
+    tiles = pd.DataFrame({"label": ["A", "A", "B", "C", "C"], "patient_id": ["1", "2", "3", "4", "5"]})
+    assert _positive_index(["A", "B", "C"], tiles, None) == 1  # the rarer class, also with 3 classes
+    assert _positive_index(["A", "C"], tiles[tiles.label != "B"], None) == 1  # tie: the later class

@@ -134,3 +134,18 @@ def test_checkpoint_loads_at_another_input_size(tmp_path):
     assert torch.equal(new[:, 0], old[:, 0])  # class-token position untouched
     # interpolating a constant grid gives the constant at all 16 positions (a fresh init would not)
     assert new.shape == (1, 17, 192) and torch.allclose(new[0, 1:], c.expand(16, 192), atol=1e-5)
+
+
+def test_non_square_or_mismatched_input_size_is_refused_when_loaded():
+    """img_size=[224,160] used to build, crop tiles to 160 x 160 and fail in the forward pass."""
+    with pytest.raises(ValueError, match=r"built for 224 x 160 px inputs.*img_size=224"):
+        load_encoder("timm:vit_tiny_patch16_224?img_size=[224,160]")
+    enc = load_encoder("timm:vit_tiny_patch16_224?img_size=[48,48]")  # square as a list: runs end to end
+    assert enc.input_size == 48 and enc(torch.zeros(1, 3, 48, 48)).patches.shape[1] == 9
+    import timm
+
+    from jwth.encoders.base import Encoder
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    with pytest.raises(ValueError, match="takes 32 x 32 px inputs but its input size .* is 64 px"):
+        Encoder(model, spec="x", mean=(0.5,) * 3, std=(0.5,) * 3, input_size=64)

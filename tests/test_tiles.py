@@ -40,11 +40,11 @@ def test_mode_conversions_are_counted(tmp_path):
     a, kind = load_tile(tmp_path / "rgba.png")
     assert kind == "alpha" and np.asarray(a)[0, 0].tolist() == [255, 255, 255]
     d, kind = load_tile(tmp_path / "deep.png")
-    assert kind == "16bit" and np.asarray(d)[0, 0].tolist() == [255, 255, 255]
+    assert kind == "uint16+gray" and np.asarray(d)[0, 0].tolist() == [255, 255, 255]
     _labels(tmp_path, [("gray.png", "x", "1"), ("rgba.png", "y", "2"), ("deep.png", "x", "3"), ("small.png", "y", "4")])
     with pytest.warns(UserWarning, match="resized"):
         _, report = check_tiles(read_labels(tmp_path), 64)
-    assert report["conversions"] == {"gray": 1, "alpha": 1, "16bit": 1}
+    assert report["conversions"] == {"gray": 1, "alpha": 1, "uint16+gray": 1}
     assert report["resized"]["count"] == 1 and report["resized"]["sizes"] == {"48x32": 1}
 
 
@@ -82,3 +82,36 @@ def test_configurable_columns(tmp_path):
     )
     t = read_labels(tmp_path, path_col="file", label_col="msi", patient_col="case", site_col="hospital", check_files=False)
     assert t.classes == ["MSI", "MSS"] and t.df["site"].tolist() == ["h1", "h2"]
+
+
+def test_every_sample_type_is_scaled_by_its_range(tmp_path):
+    """The example: a 224 x 224 int32 TIFF holding 0-65535 was an all-black tile counted as '16bit'."""
+    import tifffile
+
+    ramp = np.linspace(0, 65535, 224 * 224).reshape(224, 224)
+    cases = {
+        "i32.tif": (ramp.astype(np.int32), "int32 0-65535+gray"),
+        "i32rgb.tif": (np.stack([ramp] * 3, -1).astype(np.int32), "int32 0-65535"),
+        "i64small.tif": ((ramp / 257).astype(np.int64), "int64 0-255+gray"),
+        "u16rgb.tif": (np.stack([ramp] * 3, -1).astype(np.uint16), "uint16"),
+        "f32.tif": ((ramp / 65535).astype(np.float32), "float32 0-1+gray"),
+        "f64rgb.tif": (np.stack([ramp / 257] * 3, -1), "float64 0-255"),
+    }
+    for name, (arr, kind) in cases.items():
+        tifffile.imwrite(tmp_path / name, arr, photometric="rgb" if arr.ndim == 3 else "minisblack")
+        img, got = load_tile(tmp_path / name)
+        x = np.asarray(img)
+        assert got == kind, name
+        assert x.dtype == np.uint8 and x.shape == (224, 224, 3) and x.min() == 0 and x.max() == 255, name
+        assert abs(float(x.mean()) - 127.5) < 1.0, name  # scaled by the range, not by the type's maximum
+    for name, arr, match in (("neg.tif", ramp.astype(np.int32) - 5, "negative int32"),
+                             ("big.tif", (ramp * 100).astype(np.int64), "beyond 16 bits"),
+                             ("nan.tif", np.full((8, 8), np.nan, np.float32), "NaN"),
+                             ("hdr.tif", (ramp / 100).astype(np.float32) + 300, "beyond 0-1 and 0-255")):
+        tifffile.imwrite(tmp_path / name, arr)
+        with pytest.raises(TileError, match=f"{name}.*{match}"):
+            load_tile(tmp_path / name)
+    rows = [(n, "x" if i % 2 else "y", str(i)) for i, n in enumerate(cases)]
+    _labels(tmp_path, rows)
+    _, report = check_tiles(read_labels(tmp_path), 224)
+    assert report["conversions"] == {kind: 1 for _, kind in cases.values()}

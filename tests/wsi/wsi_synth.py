@@ -61,3 +61,13 @@ def corrupt_tile(path: Path, tile_index: int) -> None:
         counts = list(page.databytecounts)
         counts[tile_index] //= 2
         page.tags["TileByteCounts"].overwrite(counts)
+
+
+def zero_fill_tile(path: Path, tile_index: int) -> None:
+    """Cut one level-0 tile's compressed stream short by zero-filling its second half; its
+    byte count is unchanged, so readers decode it without an error."""
+    with tifffile.TiffFile(path) as tf:
+        off, n = tf.pages[0].dataoffsets[tile_index], tf.pages[0].databytecounts[tile_index]
+    with open(path, "r+b") as f:
+        f.seek(off + n // 2)
+        f.write(b"\x00" * (n - n // 2))

@@ -115,11 +115,15 @@ def _checked_table(encoder, table: TileTable, cache_dir: Path, skip_bad: bool, q
     """Decode-check the tiles unless the cache already covers exactly this tile list."""
     import json
 
-    from jwth.cache.tokens import MANIFEST, tiles_hash
+    from jwth.cache.tokens import MANIFEST, CacheDamagedError, tiles_hash
 
     mpath = cache_dir / MANIFEST
     if mpath.is_file():
-        old = json.loads(mpath.read_text())
+        try:
+            old = json.loads(mpath.read_text())
+        except ValueError as e:
+            raise CacheDamagedError(f"Token cache {cache_dir}: {MANIFEST} is unreadable ({e}); delete the folder "
+                                    "(or choose another --cache) to recompute it.") from e
         report = old.get("tile_checks", {})
         skipped = {s["path"] for s in report.get("skipped", [])}
         if skipped:

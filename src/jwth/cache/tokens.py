@@ -38,6 +38,10 @@ class CacheMismatchError(RuntimeError):
     """A cache folder holds tokens of another encoder, transform or tile list."""
 
 
+class CacheDamagedError(RuntimeError):
+    """A cache folder whose files cannot be read (truncated, corrupt) or are locked by a writer."""
+
+
 def tiles_hash(paths: list[str]) -> str:
     """SHA-256 (16 hex chars) of the ordered tile path list."""
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
@@ -59,15 +63,34 @@ def manifest_for(encoder, paths: list[str], store_patches: bool = True) -> dict:
 class TokenCache:
     """Reader/writer of a token cache folder (see module docstring).
 
-    Use :meth:`create_or_resume` to write, :meth:`open` to read.
+    Use :meth:`create_or_resume` to write, :meth:`open` to read. A complete cache is
+    only ever opened read-only, so any number of processes can read it while another
+    re-runs extraction on it (HDF5 file locking refuses a write-open beside readers).
+
+    Raises:
+        CacheDamagedError: unreadable manifest, tile list or HDF5 file, or an HDF5
+            file locked by a writer in another process (the message says what to do).
     """
 
     def __init__(self, folder: Path, mode: str = "r") -> None:
         self.folder = Path(folder)
         self.path = self.folder / CACHE_FILE
-        self.manifest: dict = json.loads((self.folder / MANIFEST).read_text())
-        self.tiles: pd.DataFrame = pd.read_csv(self.folder / TILES, dtype=str, keep_default_na=False)
-        self._h5 = h5py.File(self.path, mode)
+        fix = "delete the folder (or choose another --cache) to recompute it"
+        try:
+            self.manifest: dict = json.loads((self.folder / MANIFEST).read_text())
+            self.tiles: pd.DataFrame = pd.read_csv(self.folder / TILES, dtype=str, keep_default_na=False)
+        except (ValueError, OSError) as e:  # JSONDecodeError and pandas' parser errors are ValueErrors
+            raise CacheDamagedError(f"Token cache {self.folder}: {MANIFEST} or {TILES} is unreadable "
+                                    f"({type(e).__name__}: {e}); {fix}.") from e
+        try:
+            self._h5 = h5py.File(self.path, mode)
+        except BlockingIOError as e:
+            raise CacheDamagedError(
+                f"Token cache {self.path} is open for writing in another process (HDF5 lock: {e}); wait for "
+                "that process to finish (a complete cache is opened read-only and can be shared).") from e
+        except OSError as e:
+            raise CacheDamagedError(f"Token cache {self.path} cannot be opened as HDF5 ({e}): it is truncated "
+                                    f"or damaged; {fix}.") from e
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -92,9 +115,13 @@ class TokenCache:
             grid: token grid (h, w).
             extra: more manifest entries (tile checks, data set name).
 
+        Returns:
+            The cache, opened for appending -- or read-only when it is already complete.
+
         Raises:
             CacheMismatchError: the folder holds a cache with another identity. The
                 existing cache is left untouched.
+            CacheDamagedError: the existing cache cannot be read.
         """
         folder = Path(folder)
         mpath = folder / MANIFEST
@@ -108,6 +135,10 @@ class TokenCache:
                     "It is left untouched: choose another --cache folder, or delete this one "
                     "to recompute."
                 )
+            reader = cls(folder, mode="r")
+            if reader.complete:  # nothing to write: never write-open a finished cache
+                return reader
+            reader.close()
             return cls(folder, mode="a")
         folder.mkdir(parents=True, exist_ok=True)
         T = len(tiles)

@@ -9,6 +9,14 @@ from jwth.cli import finetune  # noqa: F401
 from jwth.cli import benchmark  # noqa: F401
 
 
+def plain_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one ``warning: <message>`` line: no category, source file or source line."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """Entry point of the `jwth` console script."""
+    """Entry point of the `jwth` console script (warnings printed as plain lines)."""
+    import warnings
+
+    warnings.formatwarning = plain_warning
     app()

@@ -19,6 +19,18 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+_HEADS_HELP = "Comma-separated heads: linear, attention, mean, learned-query."
+_ENCODER_HELP = ("Encoder spec (see `jwth encoders`). Default: timm:vit_small_patch16_224 with a RANDOM "
+                 "initialisation (no pretrained weights are bundled), i.e. a pipeline check.")
+_DEVICE_HELP = "Where the encoder runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+_PRECISION_HELP = ("Autocast precision: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
+                   "fp32, bf16, or fp16 (CUDA only).")
+_WORKERS_HELP = "Tile-decoding worker processes (0 = decode in the main process)."
+_PATH_COL_HELP = "Column of labels.csv with the tile paths (relative to --data)."
+_LABEL_COL_HELP = "Column of labels.csv with the class labels."
+_SEED_HELP = "Seed of the folds, the inner splits, head initialisation and the bootstrap."
+
+
 def _csv(s: Optional[str]) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
@@ -26,21 +38,22 @@ def _csv(s: Optional[str]) -> list[str]:
 @app.command()
 def extract(
     data: Path = typer.Option(..., "--data", help="Tile data set folder (with labels.csv)."),
-    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    encoder: str = typer.Option(None, "--encoder", help=_ENCODER_HELP),
     cache: Path = typer.Option(..., "--cache", help="Token cache folder (created or resumed)."),
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
-    path_col: str = typer.Option("path", help="Column with tile paths."),
-    label_col: str = typer.Option("label", help="Column with labels."),
+    path_col: str = typer.Option("path", help=_PATH_COL_HELP),
+    label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
     patient_col: str = typer.Option("patient_id", help="Patient column ('none' to derive)."),
     batch_size: int = typer.Option(32, help="Tiles per forward pass."),
-    num_workers: int = typer.Option(1, help="Tile-decoding worker processes."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 where faster), fp32, bf16, fp16 (CUDA)."),
+    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    precision: str = typer.Option("auto", help=_PRECISION_HELP),
     no_patches: bool = typer.Option(False, "--no-patches", help="Store class/register tokens only."),
     skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded in the manifest)."),
 ) -> None:
     """Extract class, register and patch tokens of every tile into a resumable fp16 HDF5 cache."""
     from jwth.cache.extract import extract_tokens
+    from jwth.data.labels import describe_classes
     from jwth.data.tiles import read_labels
     from jwth.device import resolve_device
     from jwth.encoders import DEFAULT_ENCODER, load_encoder
@@ -48,6 +61,8 @@ def extract(
     try:
         table = read_labels(data, labels, path_col, label_col, None if patient_col.lower() == "none" else patient_col,
                             check_files=not skip_bad_tiles)
+        typer.echo(f"{table.label_file}: "
+                   + describe_classes(table.df["label"], table.df["patient_id"], table.classes))
         enc = load_encoder(encoder or DEFAULT_ENCODER, device=resolve_device(device))
         c = extract_tokens(
             enc, table, cache, batch_size=batch_size, num_workers=num_workers, precision=precision,
@@ -87,6 +102,9 @@ def _probe(
     res = probe_run(cfg)
     typer.echo("")
     typer.echo(results_table(res))
+    n_cls = len(res["classes"])
+    typer.echo(f"\nchance level: balanced accuracy {1 / n_cls:.3f} ({n_cls} classes), AUROC 0.5; "
+               f"ROC positive class {res['positive_class']}.")
     if res["encoder"]["random_init"]:
         typer.secho(
             f"\nNOTE: {encoder} is a RANDOMLY INITIALISED encoder (no pretrained weights): these numbers "
@@ -102,13 +120,12 @@ def _probe(
     return res
 
 
-_HEADS_HELP = "Comma-separated heads: linear, attention, mean, learned-query."
 
 
 @app.command()
 def probe(
     data: Path = typer.Option(..., "--data", help="Tile data set folder (with labels.csv)."),
-    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    encoder: str = typer.Option(None, "--encoder", help=_ENCODER_HELP),
     out: Path = typer.Option(..., "--out", help="Run folder for results, config and figures."),
     heads: str = typer.Option("linear,attention", help=_HEADS_HELP),
     split: str = typer.Option("patient", help="patient (stratified k-fold over patients) or site."),
@@ -116,18 +133,19 @@ def probe(
     test_sites: Optional[str] = typer.Option(None, help="With --split site: comma-separated test sites."),
     cache: Optional[Path] = typer.Option(None, help="Token cache folder (default <out>/cache)."),
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
-    path_col: str = typer.Option("path"),
-    label_col: str = typer.Option("label"),
+    path_col: str = typer.Option("path", help=_PATH_COL_HELP),
+    label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
     patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
     site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
-    positive: Optional[str] = typer.Option(None, help="Positive class for ROC (default: the rarer class)."),
+    positive: Optional[str] = typer.Option(
+        None, help="Positive class of the ROC curve (default: the class with the fewest patients)."),
     epochs: int = typer.Option(10, help="Head training epochs."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help=_SEED_HELP),
     batch_size: int = typer.Option(32, help="Extraction batch size."),
-    num_workers: int = typer.Option(1),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("auto"),
+    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    precision: str = typer.Option("auto", help=_PRECISION_HELP),
     skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
 ) -> None:
     """Linear probe vs JWTH attention pooling on a frozen encoder, with patient-level CV and CIs."""
@@ -144,9 +162,9 @@ def probe(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
-    encoder: str = typer.Option(None, "--encoder", help="Encoder spec (default: the project's default encoder)."),
+    encoder: str = typer.Option(None, "--encoder", help=_ENCODER_HELP),
     heads: str = typer.Option("linear,attention", help=_HEADS_HELP + " The ablations add training time."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
 ) -> None:
     """The main job: probe MSI vs MSS on the bundled TCGA colorectal tiles and print the table."""
     from jwth.encoders import DEFAULT_ENCODER

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jwth.cli.app import app
+from jwth.cli.probe import _DEVICE_HELP, _ENCODER_HELP, _PRECISION_HELP
 
 console = Console()
 
@@ -106,7 +107,7 @@ def extract_slides_cmd(
     slides: List[Path] = typer.Argument(..., help="Slide files, folders of slides, or .csv/.txt slide lists."),
     out: Path = typer.Option(Path("runs/slides"), "--out", help="Output folder (features/<slide>.h5, previews/, "
                                                              "status.jsonl, tile_errors.csv)."),
-    encoder: Optional[str] = typer.Option(None, help="Encoder spec (default: the project's default encoder; see `jwth encoders`)."),
+    encoder: Optional[str] = typer.Option(None, help=_ENCODER_HELP),
     embedding: str = typer.Option("cls", help="Tile embedding: cls, jwth (class token concatenated with the attention-pooled patch tokens) "
                                               "or cls+mean."),
     save_patch_tokens: bool = typer.Option(False, help="Also store patch tokens (N, P, D) float16."),
@@ -116,9 +117,10 @@ def extract_slides_cmd(
     default_mpp: Optional[float] = typer.Option(None, help="Level-0 um/px for slides WITHOUT mpp metadata only."),
     min_tissue: float = typer.Option(0.25, help="Minimum tissue fraction of a kept tile (0..1)."),
     batch_size: int = typer.Option(64, help="Tiles per forward pass."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading tiles."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)."),
-    precision: str = typer.Option("auto", help="auto (bf16 where faster), fp32, bf16, fp16."),
+    num_workers: int = typer.Option(0, help="Reader processes, each with its own slide handle (0 = read in the "
+                                              "main process)."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + " Under torchrun: cuda:LOCAL_RANK."),
+    precision: str = typer.Option("auto", help=_PRECISION_HELP),
     overwrite: bool = typer.Option(False, help="Re-extract slides whose .h5 exists (default: skip them)."),
     head: Optional[Path] = typer.Option(None, help="A trained attention head (attention_head.pt from `jwth nuclei-alignment`) "
                                              "run with the encoder: stores [class token, pooled vector], attention "
@@ -195,17 +197,31 @@ def mil_cmd(
     for emb in embedding:
         with console.status(f"building {emb} bags"):
             if cache is not None:
-                bags[emb] = bags_from_token_cache(cache, emb, label_col=label_col,
-                                                  group_by="patient_id" if group_by == "patient" else group_by)
+                bags[emb] = _read_or_fail(bags_from_token_cache, cache, emb, label_col=label_col,
+                                          group_by="patient_id" if group_by == "patient" else group_by)
             else:
-                bags[emb] = bags_from_slide_h5(features, labels, emb, label_col=label_col, group_by=group_by)
+                bags[emb] = _read_or_fail(bags_from_slide_h5, features, labels, emb, label_col=label_col,
+                                          group_by=group_by)
     ref = next(iter(bags.values()))
-    console.print(f"{ref.n_bags} bags, classes {ref.class_names}, summary: {json.dumps(ref.summary()['classes'])}")
+    per_class = ", ".join(f"{name} ({c['bags']} bags, {c['instances']} tiles, median {c['median_bag_size']:g})"
+                          for name, c in ref.summary()["classes"].items())
+    console.print(f"{ref.n_bags} bags, {len(ref.class_names)} classes: {per_class}", highlight=False)
+    if ref.skipped:
+        console.print(f"[yellow]left out:[/] {json.dumps(ref.skipped)}")
     cfg = MILConfig(aggregator=aggregator[0], n_instances=n_instances, epochs=epochs, lr=lr, n_splits=folds,
                     seed=seed, n_boot=n_boot, device=device)
     run_mil(bags, cfg, aggregators=list(aggregator), out_dir=out, progress=console.log)
     console.print((out / "results.md").read_text())
     console.print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def _read_or_fail(fn, *args, **kwargs):
+    """Call ``fn``; a bad input (ValueError, FileNotFoundError) ends the command with its message, exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command("heatmap")
@@ -217,6 +233,9 @@ def heatmap_cmd(
     what: str = typer.Option("attention", help="attention or prob (tile predictions) with --model."),
     out: Path = typer.Option(Path("runs/heatmap.png"), "--out", help="Output PNG."),
     mpp: Optional[float] = typer.Option(None, help="um/px passed to the slide reader; drawing needs none, coordinates are level-0 px."),
+    patch_size_level0: Optional[int] = typer.Option(
+        None, help="Tile edge in level-0 px, for features files without it (default: the file's "
+                   "patch_size_level0, else CLAM's patch_size x the downsample of patch_level)."),
 ) -> None:
     """Draw MIL attention (or tile predictions, or given scores) over the slide thumbnail."""
     import numpy as np
@@ -224,7 +243,7 @@ def heatmap_cmd(
 
     from jwth.mil.bags import read_slide_features
     from jwth.mil.train import load_mil_model
-    from jwth.wsi.heatmap import draw_heatmap
+    from jwth.wsi.heatmap import draw_heatmap, patch_size_level0 as tile_edge_level0
 
     if (model is None) == (scores is None):
         raise typer.BadParameter("give exactly one of --model or --scores")
@@ -232,7 +251,7 @@ def heatmap_cmd(
         warnings.simplefilter("ignore")
         if model is not None:
             m, meta = load_mil_model(model)
-            feats, coords, attrs = read_slide_features(features, meta["embedding"])
+            feats, coords, attrs = _read_or_fail(read_slide_features, features, meta["embedding"])
             if feats.shape[1] != meta["in_dim"]:
                 raise typer.BadParameter(f"{features} has {feats.shape[1]}-d features but {model} expects "
                                          f"{meta['in_dim']}-d ({meta['embedding']}); use the same encoder and "
@@ -246,11 +265,15 @@ def heatmap_cmd(
             else:
                 raise typer.BadParameter("--what must be attention or prob")
         else:
-            _, coords, attrs = read_slide_features(features)
+            _, coords, attrs = _read_or_fail(read_slide_features, features)
             df = pd.read_csv(scores)
             lookup = {(int(x), int(y)): s for x, y, s in zip(df["x"], df["y"], df["score"])}
             vals = np.array([lookup.get((int(x), int(y)), np.nan) for x, y in coords])
             label = "score"
-        draw_heatmap(slide, coords, vals, int(attrs["patch_size_level0"]), out, mpp=mpp, label=label,
+        try:
+            edge = patch_size_level0 or tile_edge_level0(attrs, slide, source=str(features))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        draw_heatmap(slide, coords, vals, edge, out, mpp=mpp, label=label,
                      normalize="rank" if what == "attention" and model is not None else "minmax")
     console.print(f"heatmap of {len(coords)} tiles written to {out}")

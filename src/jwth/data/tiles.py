@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile
 
+from jwth.data.labels import read_table, validate_labels
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated tile is an error, never silent garbage
 
 TCGA_PATIENT = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
@@ -108,48 +110,15 @@ def read_labels(
             f"{lf} not found. A tile data set is a folder with a labels.csv having columns "
             f"'{path_col},{label_col}' (optional patient_id, site); pass --labels to name another file."
         )
-    try:
-        raw = pd.read_csv(lf, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{lf} is empty: add a header '{path_col},{label_col}' and one row per tile.")
-    for col in (path_col, label_col):
-        if col not in raw.columns:
-            raise ValueError(
-                f"{lf} has no column {col!r} (columns: {list(raw.columns)}). "
-                f"Rename it or pass --path-col/--label-col."
-            )
-    if len(raw) == 0:
-        raise ValueError(f"{lf} has a header but no rows: list one tile per row.")
+    raw = read_table(lf, (path_col, label_col), hint="Rename it or pass --path-col/--label-col.")
     notes: dict = {}
-    df = pd.DataFrame({"path": raw[path_col].str.strip(), "label": raw[label_col].str.strip()})
-    empty = df.index[df["label"] == ""].tolist()
-    if empty:
-        raise ValueError(f"{lf}: {len(empty)} rows have an empty label (first rows: {[i + 2 for i in empty[:5]]}).")
-    dup = df["path"][df["path"].duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{lf}: {len(dup)} tile paths are listed twice (e.g. {dup[:3]}); each tile once.")
-
-    found = sorted(df["label"].unique())
-    if classes is not None:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(
-                f"{lf}: labels {unknown} are not among the expected classes {list(classes)}. "
-                "Fix the label file or the --classes option."
-            )
-        cls_list = list(classes)
-    else:
-        cls_list = found
-    if len(set(found)) < 2:
-        raise ValueError(
-            f"{lf}: only one class ({found}) -- a classifier needs at least two. "
-            "Check the label column (--label-col)."
-        )
+    df = pd.DataFrame({"path": raw[path_col], "label": raw[label_col]})
 
     # patients
-    if patient_col and patient_col in raw.columns and (raw[patient_col].str.strip() != "").all():
-        df["patient_id"] = raw[patient_col].str.strip()
+    if patient_col and patient_col in raw.columns and (raw[patient_col] != "").all():
+        df["patient_id"] = raw[patient_col]
         notes["patient_source"] = f"column {patient_col}"
+        notes["patient_col"] = patient_col
     else:
         m = df["path"].str.extract(TCGA_PATIENT, expand=False)
         if m.notna().all():
@@ -158,30 +127,34 @@ def read_labels(
         else:
             df["patient_id"] = df["path"]
             notes["patient_source"] = "none (each tile its own patient)"
+            if patient_col is None:
+                why = "--patient-col none was given"
+            elif patient_col in raw.columns:
+                why = f"column {patient_col!r} has empty cells"
+            else:
+                why = f"there is no column {patient_col!r}"
             group_cols = [c for c in raw.columns if c.lower() in ("slide_id", "slide", "case_id", "case", "patient")]
             hint = f" or pass --patient-col {group_cols[0]} to group by that column" if group_cols else ""
             warnings.warn(
-                f"{lf}: no patient column ({patient_col!r}) and no TCGA barcode in the paths; "
-                "each tile is treated as its own patient, so splits are tile-level and "
-                f"tiles of one patient or slide may leak across splits. Add a patient_id column{hint}.",
+                f"{lf}: {why} and the paths hold no TCGA barcode, so each tile is its own patient: "
+                "splits are tile-level and tiles of one patient or slide may leak across splits. "
+                f"Add a patient_id column{hint}.",
                 stacklevel=2,
             )
-    per_patient = df.groupby("patient_id")["label"].nunique()
-    mixed = per_patient.index[per_patient > 1].tolist()
-    if mixed:
-        example = df[df["patient_id"] == mixed[0]]["label"].unique().tolist()
-        raise ValueError(
-            f"{lf}: {len(mixed)} patients have tiles with different labels (e.g. {mixed[0]}: "
-            f"{example}). Patient-level splits and metrics need one label per patient: fix the "
-            "labels, or if labels are tile properties (e.g. tissue type) drop the patient column "
-            "and pass --patient-col none."
-        )
+    cls_list = validate_labels(
+        df, lf, "path", "label", group_col="patient_id", classes=classes,
+        fix_group=", or if labels are tile properties (e.g. tissue type) drop the patient column "
+        "and pass --patient-col none",
+    )
 
     # sites
+    if site_col and site_col not in raw.columns:
+        raise ValueError(f"{lf} has no site column {site_col!r} (columns: {list(raw.columns)}); fix --site-col.")
     scol = site_col or next((c for c in SITE_COLUMNS if c in raw.columns), None)
-    if scol and scol in raw.columns:
-        df["site"] = raw[scol].str.strip()
+    if scol:
+        df["site"] = raw[scol]
         notes["site_source"] = f"column {scol}"
+        notes["site_col"] = scol
     elif df["patient_id"].str.match(TCGA_PATIENT).all():
         df["site"] = df["patient_id"].str.slice(5, 7)
         notes["site_source"] = "TCGA tissue-source site from barcode"
@@ -200,33 +173,111 @@ def read_labels(
     return TileTable(root=root, label_file=lf, df=df.reset_index(drop=True), classes=cls_list, notes=notes)
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.uint16:
-        return (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        hi = 1.0 if arr.max() <= 1.0 else 255.0
-        return np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
-    info = np.iinfo(arr.dtype)
-    return (arr.astype(np.float64) / info.max * 255.0).clip(0, 255).round().astype(np.uint8)
+def to_uint8(arr: np.ndarray, source: str | Path = "tile") -> tuple[np.ndarray, str]:
+    """Scale samples of any integer or float type to 8 bits by their actual range.
+
+    - ``uint8``: unchanged (kind ``""``);
+    - ``uint16``: divided by 257 (the container's 16-bit range; kind ``uint16``);
+    - other integer types (``int16/32/64``, ``uint32/64``, PIL mode ``I``) hold no declared
+      range: values within 0-255 are taken as 8-bit (kind e.g. ``int32 0-255``), within
+      0-65535 as 16-bit and divided by 257 (``int32 0-65535``);
+    - floats: values within 0-1 are multiplied by 255 (``float32 0-1``), within 0-255 kept
+      (``float32 0-255``);
+    - ``bool``: 0 / 255 (``bool``).
+
+    Args:
+        arr: samples, any shape.
+        source: the file, for messages.
+
+    Returns:
+        ``(uint8 array of the same shape, kind)``.
+
+    Raises:
+        TileError: negative values, NaN or infinity, values beyond 65535 (integers) or
+            255 (floats), or a non-numeric type -- no range can be assumed; the message
+            names the file, the type and the range found.
+    """
+    dt = arr.dtype
+    if dt == np.uint8:
+        return arr, ""
+    if dt == np.bool_:
+        return arr.astype(np.uint8) * 255, "bool"
+    numeric = np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)
+    if not numeric or arr.size == 0:
+        raise TileError(f"Tile {source} has samples of type {dt}, which cannot be shown as 8-bit RGB; "
+                        "convert it to 8-bit RGB.")
+    if np.issubdtype(dt, np.floating) and not np.isfinite(arr).all():
+        raise TileError(f"Tile {source} has {dt.name} samples with NaN or infinity; re-export it as 8-bit RGB.")
+    lo, hi = float(arr.min()), float(arr.max())
+    fix = "re-export it as 8-bit (or 16-bit) RGB, or remove it from the label file"
+    if lo < 0:
+        raise TileError(f"Tile {source} has negative {dt.name} samples (range {lo:g} to {hi:g}); no colour "
+                        f"range can be assumed: {fix}.")
+    if dt == np.uint16:
+        return (arr.astype(np.float32) / 257.0).round().astype(np.uint8), "uint16"
+    if np.issubdtype(dt, np.integer):
+        if hi <= 255:
+            return arr.astype(np.uint8), f"{dt.name} 0-255"
+        if hi <= 65535:
+            return (arr.astype(np.float32) / 257.0).round().astype(np.uint8), f"{dt.name} 0-65535"
+        raise TileError(f"Tile {source} has {dt.name} samples up to {hi:g}, beyond 16 bits; no colour range can "
+                        f"be assumed: {fix}.")
+    if hi <= 1.0:
+        return (arr.astype(np.float64) * 255.0).round().astype(np.uint8), f"{dt.name} 0-1"
+    if hi <= 255.0:
+        return arr.astype(np.float64).round().astype(np.uint8), f"{dt.name} 0-255"
+    raise TileError(f"Tile {source} has {dt.name} samples up to {hi:g}, beyond 0-1 and 0-255; no colour range "
+                    f"can be assumed: {fix}.")
+
+
+def _kind(*parts: str) -> str:
+    return "+".join(p for p in parts if p) or "ok"
+
+
+def _array_to_rgb(arr: np.ndarray, source: Path) -> tuple[Image.Image, str]:
+    """A decoded sample array (H, W[, C]) of any type -> 8-bit RGB and the conversions made."""
+    arr, depth = to_uint8(arr, source)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        return Image.fromarray(np.stack([arr] * 3, -1)), _kind(depth, "gray")
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        a = arr[..., 3:4].astype(np.float32) / 255.0
+        arr = (arr[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
+        return Image.fromarray(arr), _kind(depth, "alpha")
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise TileError(f"Tile {source} has an unsupported array shape {arr.shape}; expected (H, W), (H, W, 3) "
+                        "or (H, W, 4).")
+    return Image.fromarray(arr), _kind(depth)
+
+
+def _tiff_wider_than_8_bits(im: Image.Image) -> bool:
+    bits = im.tag_v2.get(258, (8,))  # BitsPerSample
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(bits) > 8 or im.tag_v2.get(339, 1) not in (1, (1,))  # SampleFormat: 1 = unsigned integer
 
 
 def load_tile(path: str | Path) -> tuple[Image.Image, str]:
     """Open one tile as 8-bit RGB.
 
-    Conversions (each reported by name so callers can count them): ``gray`` (L/I
-    modes replicated to RGB), ``16bit`` (scaled by 1/257), ``alpha`` (RGBA/LA/P with
-    transparency composited on white), ``palette``, ``cmyk``; ``ok`` otherwise.
+    Conversions are reported by name, joined with ``+`` (e.g. ``int32 0-65535+gray``), so
+    callers can count them: the sample type when it is not 8-bit (see :func:`to_uint8`),
+    ``gray`` (one channel replicated to RGB), ``alpha`` (RGBA/LA/P with transparency
+    composited on white), ``palette``, ``cmyk``; ``ok`` when nothing was converted.
 
     Raises:
-        TileError: missing, unreadable, truncated or corrupt file (names the file).
+        TileError: missing, unreadable, truncated or corrupt file, or samples without a
+            known range (names the file and the fix).
     """
     p = Path(path)
     if not p.is_file():
         raise TileError(f"Tile {p} does not exist.")
     try:
         with Image.open(p) as im:
+            if im.format == "TIFF" and _tiff_wider_than_8_bits(im):
+                raise TileError("decoded with tifffile")  # Pillow would narrow the samples itself
             im.load()
             img = im.copy()
     except Exception as e:
@@ -235,21 +286,10 @@ def load_tile(path: str | Path) -> tuple[Image.Image, str]:
                 import tifffile
 
                 arr = tifffile.imread(p)
-                kind = "16bit" if arr.dtype != np.uint8 else "ok"
-                arr = _to_uint8(arr)
-                if arr.ndim == 2:
-                    arr, kind = np.stack([arr] * 3, -1), "gray"
-                if arr.ndim == 3 and arr.shape[-1] == 4:
-                    a = arr[..., 3:4].astype(np.float32) / 255.0
-                    arr = (arr[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
-                    kind = "alpha"
-                if arr.ndim != 3 or arr.shape[-1] != 3:
-                    raise TileError(f"Tile {p} has an unsupported array shape {arr.shape}.")
-                return Image.fromarray(arr), kind
-            except TileError:
-                raise
             except Exception:
-                pass
+                arr = None
+            if arr is not None:
+                return _array_to_rgb(arr, p)
         raise TileError(
             f"Tile {p} cannot be decoded ({type(e).__name__}: {e}). It is corrupt or truncated: "
             "re-export it, or remove it from the label file (or pass --skip-bad-tiles to leave it "
@@ -258,9 +298,8 @@ def load_tile(path: str | Path) -> tuple[Image.Image, str]:
     mode = img.mode
     if mode == "RGB":
         return img, "ok"
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = _to_uint8(np.asarray(img))
-        return Image.fromarray(np.stack([arr] * 3, -1)), "16bit"
+    if mode.startswith("I") or mode == "F":
+        return _array_to_rgb(np.asarray(img), p)
     if mode == "L" or mode == "1":
         return img.convert("RGB"), "gray"
     if mode == "P":

@@ -43,6 +43,32 @@ def state_dict_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_input_size(model: nn.Module, input_size: int, spec: str) -> None:
+    """Refuse, when the spec is loaded, a model that could not run on the square tiles the
+    transform makes (``input_size`` x ``input_size`` px): a non-square ``img_size`` (timm would
+    build it, then the transform crops tiles square and the forward pass fails an assertion),
+    or a fixed ``img_size`` other than ``input_size``.
+
+    Raises:
+        ValueError: naming the spec, the sizes and the fix.
+    """
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None:
+        return
+    h, w = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    if h != w:
+        raise ValueError(
+            f"Encoder {spec!r} is built for {h} x {w} px inputs, but tiles are square ({input_size} x "
+            f"{input_size} px after the transform), so its forward pass would fail. Give one size, e.g. "
+            f"img_size={max(h, w)}.")
+    fixed = getattr(pe, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False)
+    if fixed and h != input_size:
+        raise ValueError(
+            f"Encoder {spec!r}: the model takes {h} x {h} px inputs but its input size (transform) is "
+            f"{input_size} px; make them agree (img_size or the checkpoint's pretrained_cfg input_size).")
+
+
 class Encoder(nn.Module):
     """A frozen ViT that returns class, register and patch tokens.
 
@@ -93,6 +119,8 @@ class Encoder(nn.Module):
                 f"Encoder {spec!r} has no class token (global_pool without a cls token); "
                 "JWTH attention pooling needs one."
             )
+        if forward_fn is None:
+            _check_input_size(model, self.input_size, spec)
         self.num_registers = int(
             num_registers if num_registers is not None else getattr(model, "num_reg_tokens", 0)
         )

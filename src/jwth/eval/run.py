@@ -7,11 +7,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 import jwth
 from jwth.cache.extract import extract_tokens
+from jwth.data.labels import describe_classes
 from jwth.data.tiles import TileTable, read_labels
 from jwth.device import resolve_device, resolve_precision
 from jwth.encoders import load_encoder
@@ -44,12 +46,18 @@ class RunConfig:
 
 
 def positive_index(classes: list[str], tiles, positive: str | None) -> int:
+    """Index of the ROC positive class: ``positive``, else the class with the fewest
+    patients (ties: the later class in sorted order).
+
+    Raises:
+        ValueError: ``positive`` is not one of ``classes``.
+    """
     if positive is not None:
         if positive not in classes:
             raise ValueError(f"--positive {positive!r} is not a class; classes: {classes}.")
         return classes.index(positive)
-    per_class = tiles.groupby("label")["patient_id"].nunique()
-    return classes.index(per_class.idxmin()) if len(classes) == 2 else len(classes) - 1
+    per_class = tiles.groupby("label")["patient_id"].nunique().reindex(classes, fill_value=0).to_numpy()
+    return int(len(classes) - 1 - np.argmin(per_class[::-1]))
 
 
 def load_table(cfg: RunConfig) -> TileTable:
@@ -80,6 +88,10 @@ def resolved_config(cfg, device: torch.device, encoder, table: TileTable) -> dic
         "torch_version": str(torch.__version__),
         "platform": platform.platform(),
         **_asdict(cfg),
+        # the columns and classes this run used, not the options' defaults
+        "patient_col": table.notes.get("patient_col"),
+        "site_col": table.notes.get("site_col"),
+        "classes": table.classes,
         "device": str(device),
         "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
         "encoder_info": encoder.describe(),
@@ -104,6 +116,10 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
     out = Path(cfg.out)
     table = load_table(cfg)
+    pos = positive_index(table.classes, table.df, cfg.probe.positive_class)
+    if not quiet:
+        print(f"{table.label_file}: " + describe_classes(table.df["label"], table.df["patient_id"], table.classes)
+              + f"; positive class for ROC: {table.classes[pos]}")
     device = resolve_device(cfg.device)
     encoder = load_encoder(cfg.encoder, device=device)
     if encoder.random_init and not quiet:
@@ -131,7 +147,6 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
             colour = colour_features(table, cache, cache_dir / "baseline-colour", cfg.batch_size, cfg.num_workers, quiet)
         po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes, colour_cls=colour)
         classes = po.results["classes"]
-        pos = positive_index(classes, tiles, cfg.probe.positive_class)
         res = {
             "dataset": table.root.name,
             "data": str(cfg.data),

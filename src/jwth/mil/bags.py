@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from jwth.wsi.extract import EMBEDDINGS, embed_tokens
+from jwth.data.labels import read_table, validate_labels
+from jwth.wsi.extract import EMBEDDINGS, FeatureFileError, embed_tokens, feature_file_problem
 
 _TCGA_PATIENT = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
 
@@ -170,6 +171,9 @@ def _group(feats, tiles: pd.DataFrame, embedding, group_by, label_col, class_nam
             raise ValueError(f"{source}: no {group_by!r} for tile {bad!r} and no TCGA barcode in its path; "
                              f"add a {group_by} column to the labels")
         groups[need] = derived
+    checked = pd.DataFrame({"id": tiles["path"] if "path" in tiles.columns else tiles.index.astype(str),
+                            "label": tiles[label_col].astype(str), "group": groups.astype(str)})
+    validate_labels(checked, source, "id", "label", group_col="group", classes=class_names, group_what="bag")
     labels_by_bag, bag_rows = {}, {}
     for i, (g, lab) in enumerate(zip(groups, tiles[label_col].astype(str))):
         if g in labels_by_bag and labels_by_bag[g] != lab:
@@ -196,12 +200,16 @@ def read_slide_features(h5_path: str | Path, embedding: str | None = None) -> tu
         ``(features (N, E) float32, coords (N, 2) int64, attrs dict)``.
 
     Raises:
-        ValueError: the file lacks ``features``/``coords`` or cannot give ``embedding``.
+        FeatureFileError: the file cannot be opened, lacks ``features``/``coords``, or is
+            incomplete (see :func:`jwth.wsi.extract.feature_file_problem`); the message
+            names the file and the fix.
+        ValueError: the file cannot give ``embedding``.
     """
+    problem = feature_file_problem(h5_path)
+    if problem is not None:
+        raise FeatureFileError(f"{h5_path} {problem}. Re-run `jwth extract-slides` on its slide (it recomputes "
+                               "unfinished files), or remove it.")
     with h5py.File(h5_path, "r") as f:
-        if "features" not in f or "coords" not in f:
-            raise ValueError(f"{h5_path}: expected 'features' and 'coords' datasets (CLAM/TRIDENT layout), "
-                             f"found {list(f.keys())}")
         attrs = {**dict(f["coords"].attrs), **dict(f.attrs)}
         feats = f["features"][()].astype(np.float32)
         coords = f["coords"][()].astype(np.int64)
@@ -236,38 +244,58 @@ def bags_from_slide_h5(
         embedding: see :func:`read_slide_features`.
         group_by: ``slide`` (one bag per slide) or ``patient`` (a patient's slides joined).
 
-    Slides without a features file or with 0 tiles are skipped and counted in
-    ``Bags.skipped`` (and a warning), never silently.
+    Every column is read as text (slide ``001`` matches ``001.h5``) and the table is
+    validated as the probe's (:func:`jwth.data.labels.validate_labels`: empty labels,
+    near-duplicate labels, a slide listed twice, unknown classes, one class, a patient
+    with two labels). Slides without a features file, with an unreadable or incomplete
+    one (:func:`jwth.wsi.extract.feature_file_problem`) or with 0 tiles are skipped and
+    counted in ``Bags.skipped`` (and a warning naming the files), never silently.
 
     Raises:
-        ValueError: missing columns, or no usable slide at all.
+        ValueError: missing columns, a bad label table, no usable slide, or fewer than
+            two classes among the usable slides.
     """
     features_dir, labels_csv = Path(features_dir), Path(labels_csv)
-    df = pd.read_csv(labels_csv)
+    df = read_table(labels_csv, (label_col,), hint="Pass --label-col to name the label column.")
     if slide_col not in df.columns:
         if "path" not in df.columns:
             raise ValueError(f"{labels_csv}: needs a {slide_col!r} or 'path' column, has {list(df.columns)}")
-        df[slide_col] = df["path"].map(lambda p: Path(str(p)).stem)
-    if label_col not in df.columns:
-        raise ValueError(f"{labels_csv}: no label column {label_col!r}; columns are {list(df.columns)}")
+        df[slide_col] = df["path"].map(lambda p: Path(p).stem)
+    derived = df[slide_col].map(lambda s: patient_from_barcode(s) or s)
     if patient_col not in df.columns:
-        df[patient_col] = df[slide_col].map(lambda s: patient_from_barcode(s) or s)
+        df[patient_col] = derived
+    df[patient_col] = df[patient_col].where(df[patient_col] != "", derived)
+    validate_labels(df, labels_csv, slide_col, label_col, group_col=patient_col, classes=class_names,
+                    id_what="slide", fix_group=f" (or give each slide its own {patient_col})")
     skipped: dict[str, int] = {}
+    unusable: list[str] = []
     rows = []
     for _, r in df.iterrows():
         h5 = features_dir / f"{r[slide_col]}.h5"
         if not h5.exists():
             skipped["no features file"] = skipped.get("no features file", 0) + 1
             continue
-        feats, coords, _ = read_slide_features(h5, embedding)
+        try:
+            feats, coords, _ = read_slide_features(h5, embedding)
+        except FeatureFileError as e:
+            skipped["unreadable or incomplete file"] = skipped.get("unreadable or incomplete file", 0) + 1
+            unusable.append(str(e))
+            continue
         if len(feats) == 0:
             skipped["0 tiles"] = skipped.get("0 tiles", 0) + 1
             continue
-        rows.append((str(r[slide_col]), str(r[patient_col]), str(r[label_col]), feats, coords))
+        rows.append((r[slide_col], r[patient_col], r[label_col], feats, coords))
+    if unusable:
+        warnings.warn(f"{len(unusable)} features file(s) left out: " + " | ".join(unusable[:5]), stacklevel=2)
     if skipped:
         warnings.warn(f"bags from {features_dir}: skipped {skipped}", stacklevel=2)
     if not rows:
-        raise ValueError(f"No usable slide in {features_dir} for {labels_csv} (skipped: {skipped})")
+        raise ValueError(f"No usable slide in {features_dir} for {labels_csv} (skipped: {skipped}); slide ids "
+                         f"are matched to file names <{slide_col}>.h5, e.g. {df[slide_col].iloc[0]}.h5")
+    left = sorted({r[2] for r in rows})
+    if len(left) < 2:
+        raise ValueError(f"Only class {left} is left among the usable slides of {labels_csv} (skipped: {skipped}); "
+                         "a classifier needs two. Extract the missing slides first.")
     emb = embedding or "cls"
     if group_by == "slide":
         y, names = _encode_labels([r[2] for r in rows], class_names)

@@ -16,10 +16,14 @@ One file per slide, ``<out>/features/<slide_id>.h5``:
   float16 (the head's weights over the patch tokens, for heatmaps) and ``probs``
   ``(N, C)`` float32; the patch tokens themselves are never stored.
 - root attributes: ``encoder``, ``weights_hash``, ``embedding``, ``embed_dim`` (D),
-  ``n_tiles``, ``n_bad_tiles``, ``jwth_version``.
+  ``n_tiles``, ``n_bad_tiles``, ``jwth_version``, ``complete`` (written last).
 
 Runs are resumable: a slide is written to ``<slide_id>.h5.partial`` and renamed
-atomically when complete, so an existing ``.h5`` means "done" and is skipped. Every
+atomically when complete, with the root attribute ``complete`` written last. An
+existing ``.h5`` is skipped only when it opens and is complete (rows of ``features``
+and ``coords`` match ``n_tiles``, ``complete`` set); any other file of that name
+(truncated, short, from an interrupted or foreign writer) is recomputed, and replaced
+only once the new file is complete. Every
 slide appends one JSON line to ``<out>/status.jsonl`` (``done``, ``skipped``,
 ``empty`` with the reason, or ``failed`` with the error); tiles that fail to decode
 are skipped and appended to ``<out>/tile_errors.csv`` with their coordinates. Under
@@ -50,6 +54,50 @@ Embedding = Literal["cls", "jwth", "cls+mean"]
 EMBEDDINGS: tuple[str, ...] = ("cls", "jwth", "cls+mean")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
                   ".dcm", ".png", ".jpg", ".jpeg")
+
+
+#: Root attribute written last into a features file; without it the file is not trusted as finished.
+COMPLETE_ATTR = "complete"
+
+
+class FeatureFileError(ValueError):
+    """A per-slide features file that cannot be used (unreadable, truncated or incomplete)."""
+
+
+def feature_file_problem(path: str | Path, require_mark: bool | None = None) -> str | None:
+    """Why a per-slide features ``.h5`` cannot be trusted as finished, or None when it can.
+
+    A file is complete when it opens, holds ``features`` and ``coords`` with the same
+    number of rows, its ``n_tiles`` attribute (when present) equals that number, and --
+    with ``require_mark`` -- the completion attribute ``complete`` is set (written last by
+    :func:`extract_slide`). ``require_mark=None`` requires it only from files written by
+    jwth (attribute ``jwth_version``) without ``n_tiles`` (files of CLAM or TRIDENT have
+    no mark; jwth files older than the mark end with ``n_tiles``).
+
+    Args:
+        path: the ``.h5`` file.
+        require_mark: see above.
+
+    Returns:
+        ``None``, or a sentence saying what is wrong (for logs and errors).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or "coords" not in f:
+                return f"has no 'features' and 'coords' datasets of the CLAM/TRIDENT layout (found {sorted(f.keys())})"
+            nf, nc = int(f["features"].shape[0]), int(f["coords"].shape[0])
+            attrs = dict(f.attrs)
+    except OSError as e:
+        return f"cannot be opened as HDF5 (truncated, still being written, or not HDF5: {e})"
+    if nf != nc:
+        return f"has {nf} features rows but {nc} coords rows (an interrupted or partial write)"
+    if "n_tiles" in attrs and int(attrs["n_tiles"]) != nf:
+        return f"has {nf} rows but its n_tiles attribute says {int(attrs['n_tiles'])}"
+    if require_mark is None:
+        require_mark = "jwth_version" in attrs and "n_tiles" not in attrs
+    if require_mark and not attrs.get(COMPLETE_ATTR):
+        return f"has no completion mark (attribute {COMPLETE_ATTR!r}): its extraction did not finish"
+    return None
 
 
 def embed_tokens(cls: torch.Tensor, patches: torch.Tensor, embedding: Embedding) -> torch.Tensor:
@@ -291,6 +339,8 @@ def extract_slide(
         f.attrs["n_tiles"] = int(coords_ds.shape[0])
         f.attrs["n_bad_tiles"] = int(n_bad)
         n_written = int(coords_ds.shape[0])
+        f.flush()
+        f.attrs[COMPLETE_ATTR] = True  # last: a file without it is never trusted as finished
     os.replace(tmp, out_h5)
     status = "done" if n_written else "empty"
     reason = plan.reason if plan.status != "ok" else ("every tile failed to decode" if not n_written else "")
@@ -364,12 +414,16 @@ def extract_slides(
         slide = Path(slide)
         out_h5 = out_dir / "features" / f"{slide.stem}.h5"
         slide_mpp = mpp.get(slide.stem) if isinstance(mpp, dict) else mpp
-        if out_h5.exists() and not overwrite:
-            rec = {"slide": slide.stem, "status": "skipped", "reason": "features file exists", "h5": str(out_h5)}
+        problem = feature_file_problem(out_h5, require_mark=True) if out_h5.exists() and not overwrite else None
+        if out_h5.exists() and not overwrite and problem is None:
+            rec = {"slide": slide.stem, "status": "skipped", "reason": "complete features file exists",
+                   "h5": str(out_h5)}
         else:
             try:
                 rec = extract_slide(slide, out_h5, encoder, mpp=slide_mpp, on_tile_error=log_tile,
                                     preview=out_dir / "previews" / f"{slide.stem}.png", **kwargs)
+                if problem is not None:  # the old file was replaced only once the new one was complete
+                    rec["reason"] = f"recomputed: the existing features file {problem}"
             except Exception as e:  # noqa: BLE001 - one slide must not stop the batch
                 rec = {"slide": slide.stem, "status": "failed", "reason": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(limit=3)}
@@ -383,5 +437,5 @@ def extract_slides(
     return records
 
 
-__all__ = ["EMBEDDINGS", "embed_tokens", "find_slides", "shard", "SlideTileDataset", "extract_slide",
+__all__ = ["EMBEDDINGS", "COMPLETE_ATTR", "FeatureFileError", "feature_file_problem", "embed_tokens", "find_slides", "shard", "SlideTileDataset", "extract_slide",
            "extract_slides"]

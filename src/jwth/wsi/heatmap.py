@@ -13,6 +13,41 @@ from pathlib import Path
 import numpy as np
 
 
+def patch_size_level0(attrs: dict, slide: str | Path | None = None, source: str = "the features file") -> int:
+    """Tile edge in level-0 px from a features file's attributes (jwth, TRIDENT or CLAM).
+
+    Order: ``patch_size_level0`` (jwth, TRIDENT); else CLAM's ``patch_size`` (px read at
+    ``patch_level``) times the downsample of ``patch_level`` read from ``slide``.
+
+    Args:
+        attrs: attributes of the file and its ``coords`` dataset.
+        slide: the slide file, needed for CLAM files (its level downsamples).
+        source: the file's name, for messages.
+
+    Raises:
+        ValueError: neither is available; the message names the missing attributes and
+            the ``--patch-size-level0`` option.
+    """
+    if "patch_size_level0" in attrs:
+        return int(attrs["patch_size_level0"])
+    if "patch_size" in attrs and "patch_level" in attrs and slide is not None:
+        from jwth.wsi.reader import open_slide
+
+        level = int(attrs["patch_level"])
+        with open_slide(slide) as r:
+            if not 0 <= level < r.level_count:
+                raise ValueError(f"{source}: patch_level {level} does not exist in {Path(slide).name} "
+                                 f"({r.level_count} levels); is it the features file of this slide?")
+            return int(round(int(attrs["patch_size"]) * r.level_downsamples[level]))
+    have = sorted(k for k in ("patch_size", "patch_level") if k in attrs)
+    raise ValueError(
+        f"{source} has no attribute 'patch_size_level0' (the tile edge in level-0 px)"
+        + (f" and only {have} of CLAM's 'patch_size' + 'patch_level'" if have else
+           " nor CLAM's 'patch_size' + 'patch_level'")
+        + "; pass the tile edge with --patch-size-level0 <px> (e.g. 512 for 256-px tiles read at "
+        "level 0 from a 0.25 um/px slide at 0.5 um/px).")
+
+
 def score_canvas(
     coords: np.ndarray,
     scores: np.ndarray,

@@ -16,9 +16,16 @@ backends. A tile that cannot be decoded raises :class:`SlideReadError` naming th
 slide and the tile's level-0 coordinates; the reader stays usable afterwards (an
 OpenSlide handle, whose errors are sticky, is reopened).
 
-Known limit: tiffslide decodes a truncated JPEG tile to grey without raising, so
-corrupt tiles are only *detected* on the OpenSlide backend (the default for SVS and
-tiled TIFF).
+Corrupt tiles that decode without an error. OpenSlide and tiffslide decode a JPEG
+tile whose stream was cut short (and zero-filled, its byte count unchanged) to
+garbage or grey without raising. For TIFF-based slides (SVS, generic tiled TIFF) the
+compressed stream of every tile of a level is therefore checked once, cheaply (a few
+bytes at each end, no decoding), before that level is read: a JPEG (TIFF compression
+7) or JPEG 2000 (33003/33004/33005/34712) tile must end, after trailing zero padding,
+with the end-of-image / end-of-codestream marker ``FF D9`` (and a JPEG tile must start
+with ``FF D8``). A region touching such a tile raises :class:`SlideReadError` naming
+the tile. What still passes: damage inside a stream that keeps both markers, and
+formats other than TIFF (NDPI, MRXS, DICOM ...).
 """
 
 from __future__ import annotations
@@ -39,6 +46,51 @@ Backend = Literal["auto", "openslide", "tiffslide", "image"]
 MPP_RANGE = (0.05, 50.0)
 
 BACKGROUND = 255
+
+#: TIFF compressions whose tile streams end with the marker FF D9 (JPEG EOI, JPEG 2000 EOC).
+_MARKED_STREAMS = {7: "JPEG", 33003: "JPEG 2000", 33004: "JPEG 2000", 33005: "JPEG 2000", 34712: "JPEG 2000"}
+
+
+def tiff_bad_tile_streams(path: str | Path, size: tuple[int, int]) -> tuple[tuple[int, int], dict] | None:
+    """Tiles of a TIFF page whose compressed stream lacks its end (or start) marker.
+
+    Args:
+        path: a TIFF-based slide file.
+        size: ``(width, height)`` px of the pyramid level to check (the page is found by size).
+
+    Returns:
+        ``((tile_width, tile_height), {(column, row): reason})`` for a tiled JPEG / JPEG 2000
+        page of that size, or None when the file is not a TIFF or the page is not checkable.
+        Costs two small reads per tile; nothing is decoded.
+    """
+    try:
+        import tifffile
+
+        tf = tifffile.TiffFile(path)
+    except Exception:  # noqa: BLE001 - not a TIFF: nothing to check
+        return None
+    with tf:
+        page = next((pg for pg in tf.pages if pg.is_tiled and (pg.imagewidth, pg.imagelength) == tuple(size)
+                     and int(pg.compression) in _MARKED_STREAMS and pg.planarconfig == 1), None)
+        if page is None:
+            return None
+        kind = _MARKED_STREAMS[int(page.compression)]
+        ncols = -(-page.imagewidth // page.tilewidth)
+        fh = tf.filehandle
+        bad = {}
+        for i, (off, n) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+            if not n:
+                continue  # a sparse (absent) tile: the reader fills it, nothing is decoded
+            fh.seek(off)
+            head = fh.read(2)
+            fh.seek(off + max(n - 64, 0))
+            tail = fh.read(min(n, 64)).rstrip(b"\x00")
+            if kind == "JPEG" and head != b"\xff\xd8":
+                bad[(i % ncols, i // ncols)] = f"{kind} stream has no start-of-image marker"
+            elif not tail.endswith(b"\xff\xd9"):
+                bad[(i % ncols, i // ncols)] = (f"{kind} stream has no end marker (cut short"
+                                                f"{' and zero-filled' if len(tail) < min(n, 64) else ''})")
+    return (page.tilewidth, page.tilelength), bad
 
 
 class MissingMppError(ValueError):
@@ -121,6 +173,7 @@ class SlideReader:
             if v is not None and not _float(v):
                 raise ValueError(f"{name} must be a positive number of um/px, got {v!r} for {self.path}")
         self._mpp_override = float(mpp) if mpp is not None else None
+        self._stream_checks: dict[int, tuple | None] = {}
         self._default_mpp = float(default_mpp) if default_mpp is not None else None
         self._handle = None
         self._image: np.ndarray | None = None
@@ -275,6 +328,7 @@ class SlideReader:
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size}")
         x, y = int(location[0]), int(location[1])
+        self._check_streams(x, y, level, w, h)
         try:
             if self.backend == "image":
                 out = _crop_padded(self._image, x, y, w, h)
@@ -288,6 +342,27 @@ class SlideReader:
                 f"{self.path.name}: cannot decode region at level-0 (x={x}, y={y}), level {level}, "
                 f"size {w}x{h}: {type(e).__name__}: {e}") from e
         return self._whiten_outside(out, x, y, level)
+
+    def _check_streams(self, x: int, y: int, level: int, w: int, h: int) -> None:
+        """Raise SlideReadError when the region touches a tile with a damaged stream
+        (:func:`tiff_bad_tile_streams`, computed once per level)."""
+        if self.backend == "image":
+            return
+        if level not in self._stream_checks:
+            self._stream_checks[level] = tiff_bad_tile_streams(self.path, self.level_dimensions[level])
+        check = self._stream_checks[level]
+        if not check or not check[1]:
+            return
+        (tw, th), bad = check
+        ds = self.level_downsamples[level]
+        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+        for row in range(max(ly, 0) // th, max(ly + h - 1, 0) // th + 1):
+            for col in range(max(lx, 0) // tw, max(lx + w - 1, 0) // tw + 1):
+                if (col, row) in bad:
+                    raise SlideReadError(
+                        f"{self.path.name}: region at level-0 (x={x}, y={y}), level {level}, size {w}x{h} "
+                        f"touches TIFF tile (column {col}, row {row}) of that level whose {bad[(col, row)]}; "
+                        "its pixels would be garbage, so the region is not used")
 
     def _whiten_outside(self, arr: np.ndarray, x: int, y: int, level: int) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -412,7 +487,12 @@ def _load_single_level(path: Path) -> np.ndarray:
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
             arr = np.moveaxis(arr, 0, -1)
         if arr.dtype != np.uint8:
-            raise SlideReadError(f"{path}: only 8-bit images are supported by the image backend, got {arr.dtype}")
+            from jwth.data.tiles import TileError, to_uint8
+
+            try:
+                arr, _ = to_uint8(arr, path)  # scaled by the samples' actual range, or refused
+            except TileError as e:
+                raise SlideReadError(str(e)) from e
         return _to_rgb_white(arr)
     with Image.open(path) as im:
         im.load()

@@ -95,7 +95,22 @@ class TilingPlan:
             "overlap": int(self.tile_size_level0 - self.stride_level0),
             "min_tissue": float(self.min_tissue),
             "name": self.slide_id,
+            "read_recipe": self.read_recipe,
         }
+
+    @property
+    def read_recipe(self) -> str:
+        """How to re-read tile ``i`` from these attributes, in words (stored in every file).
+
+        ``patch_size`` follows TRIDENT (tile px at ``target_mpp``); CLAM-style readers take it as
+        the px read at ``patch_level``, which holds only when ``read_size == patch_size``.
+        """
+        text = (f"read_region(coords[i], level={self.level}, size=({self.read_size}, {self.read_size})) "
+                f"-> a {self.tile_size_level0}x{self.tile_size_level0} level-0 px square")
+        if self.read_size == self.tile_size:
+            return text + f"; no resize (CLAM's read_region(coord, patch_level, (patch_size, patch_size)) is the same)"
+        return (text + f", then resize to patch_size={self.tile_size} px. NOT (patch_size, patch_size) at "
+                f"patch_level: that reads {self.tile_size}/{self.read_size} of the tile's side")
 
 
 def choose_level(downsamples: list[float], scale: float) -> int:
