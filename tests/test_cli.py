@@ -141,3 +141,15 @@ def test_option_help_and_positive_class():
     tiles = pd.DataFrame({"label": ["A", "A", "B", "C", "C"], "patient_id": ["1", "2", "3", "4", "5"]})
     assert _positive_index(["A", "B", "C"], tiles, None) == 1  # the rarer class, also with 3 classes
     assert _positive_index(["A", "C"], tiles[tiles.label != "B"], None) == 1  # tie: the later class
+
+
+def test_cli_warnings_are_one_plain_line():
+    """An explicit --patient-col none used to print a raw Python None and a stray source line."""
+    import warnings
+
+    from jwth.cli import plain_warning
+
+    line = plain_warning(UserWarning("labels.csv: --patient-col none was given"), UserWarning, "tiles.py", 160,
+                         "    warnings.warn(")
+    assert line == "warning: labels.csv: --patient-col none was given\n"
+    assert warnings.formatwarning is not plain_warning  # only main() installs it, importing does not

@@ -118,3 +118,21 @@ def test_cli_writes_json_and_markdown(cohort, tmp_path):
     assert saved["heads"]["attention"]["patient"]["a"] == pytest.approx(1.0)
     bad = CliRunner().invoke(app, ["compare", str(a), str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "not a finished probe run" in bad.output
+
+
+def test_numeric_looking_ids_and_labels_stay_text(tmp_path):
+    """Patients 001 ... and labels 0 / 1 written by a probe must read back as the same text."""
+    import json
+
+    import pandas as pd
+
+    from jwth.eval.compare import read_predictions
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"path": ["a.png", "b.png"], "label": ["0", "1"], "patient_id": ["001", "NA"], "site": ["", ""],
+                  "prob_linear_0": [0.7, 0.2], "prob_linear_1": [0.3, 0.8]}).to_csv(run / "predictions.csv", index=False)
+    (run / "results.json").write_text(json.dumps({"classes": ["0", "1"]}))
+    df, _, classes = read_predictions(run)
+    assert df["patient_id"].tolist() == ["001", "NA"] and df["label"].tolist() == classes
+    assert df["prob_linear_1"].dtype.kind == "f"

@@ -45,7 +45,10 @@ def read_predictions(run_dir: str | Path) -> tuple[pd.DataFrame, dict, list[str]
                 "completed `jwth probe`, `jwth demo` or `jwth finetune`."
             )
     try:
-        df = pd.read_csv(pred_file)
+        # identifiers and labels stay text (patient 001 is not 1, NA is a name); probabilities are numbers
+        df = pd.read_csv(pred_file, dtype=str, keep_default_na=False)
+        for c in [c for c in df.columns if c.startswith("prob_")]:
+            df[c] = pd.to_numeric(df[c].replace("", "nan"))
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise ValueError(f"{pred_file} cannot be read ({e}); re-run the probe to rewrite it.") from e
     missing = [c for c in _KEYS if c not in df.columns]

@@ -175,10 +175,7 @@ def _group(feats, tiles: pd.DataFrame, embedding, group_by, label_col, class_nam
                             "label": tiles[label_col].astype(str), "group": groups.astype(str)})
     validate_labels(checked, source, "id", "label", group_col="group", classes=class_names, group_what="bag")
     labels_by_bag, bag_rows = {}, {}
-    for i, (g, lab) in enumerate(zip(groups, tiles[label_col].astype(str))):
-        if g in labels_by_bag and labels_by_bag[g] != lab:
-            raise ValueError(f"{source}: bag {g!r} has tiles labelled {labels_by_bag[g]!r} and {lab!r}; "
-                             f"a bag label must be constant")
+    for i, (g, lab) in enumerate(zip(groups, tiles[label_col].astype(str))):  # one label per bag: checked above
         labels_by_bag[g] = lab
         bag_rows.setdefault(g, []).append(i)
     ids = sorted(bag_rows)

@@ -148,7 +148,7 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
         elif p.suffix.lower() == ".csv":
             import pandas as pd
 
-            df = pd.read_csv(p)
+            df = pd.read_csv(p, dtype=str, keep_default_na=False)  # a path such as 001.svs stays text
             if "path" not in df.columns:
                 raise ValueError(f"Slide list {p} needs a 'path' column, has {list(df.columns)}")
             out += [(p.parent / q) if not Path(q).is_absolute() else Path(q) for q in df["path"]]
