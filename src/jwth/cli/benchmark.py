@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from jwth.cli.app import app
-from jwth.cli.probe import _HEADS_HELP, _csv, _fail
+from jwth.cli.probe import _HEADS_HELP, _fail
 
 
 @app.command()

@@ -108,7 +108,7 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
     """
     import torch
 
-    from jwth.eval.probe import _summaries
+    from jwth.eval.probe import summarize
     from jwth.eval.train import Features, predict, select_and_fit
     from jwth.heads import build_head
 
@@ -119,7 +119,7 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
     for name in cfg.baselines:
         if name == "majority":
             prob = np.concatenate([majority_prob(y, sp[0], len(sp[1]), C) for sp in splits])
-            out[name] = _summaries(yt, prob, pt, cfg.n_boot, seed)
+            out[name] = summarize(yt, prob, pt, cfg.n_boot, seed)
         elif name == "colour":
             if colour_cls is None:
                 out[name] = {"skipped": "no colour features were given"}
@@ -134,7 +134,7 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
 
                 model, _ = select_and_fit(make, feats, y, fit_idx, val_idx, tr, cfg.train, C)
                 probs.append(predict(model, feats, te)[0])
-            out[name] = _summaries(yt, np.concatenate(probs), pt, cfg.n_boot, seed)
+            out[name] = summarize(yt, np.concatenate(probs), pt, cfg.n_boot, seed)
         elif name == "tile-count":
             sizes = bag_sizes(patients)
             parts = [tile_count_prob(y, patients, sizes, sp[0], sp[1], C) for sp in splits]
