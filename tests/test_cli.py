@@ -140,7 +140,7 @@ def test_option_help_and_positive_class():
             assert re.search(re.escape(opt) + r" \S+ [A-Z]", text), (cmd, opt)
     tiles = pd.DataFrame({"label": ["A", "A", "B", "C", "C"], "patient_id": ["1", "2", "3", "4", "5"]})
     assert _positive_index(["A", "B", "C"], tiles, None) == 1  # the rarer class, also with 3 classes
-    assert _positive_index(["A", "C"], tiles[tiles.label != "B"], None) == 1  # tie: the later class
+    assert _positive_index(["A", "C"], tiles[tiles.label != "B"], None) == 0  # tie: the first class
 
 
 def test_cli_warnings_are_one_plain_line():

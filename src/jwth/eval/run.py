@@ -47,7 +47,7 @@ class RunConfig:
 
 def positive_index(classes: list[str], tiles, positive: str | None) -> int:
     """Index of the ROC positive class: ``positive``, else the class with the fewest
-    patients (ties: the later class in sorted order).
+    patients (ties: the first class in sorted order).
 
     Raises:
         ValueError: ``positive`` is not one of ``classes``.
@@ -57,7 +57,7 @@ def positive_index(classes: list[str], tiles, positive: str | None) -> int:
             raise ValueError(f"--positive {positive!r} is not a class; classes: {classes}.")
         return classes.index(positive)
     per_class = tiles.groupby("label")["patient_id"].nunique().reindex(classes, fill_value=0).to_numpy()
-    return int(len(classes) - 1 - np.argmin(per_class[::-1]))
+    return int(np.argmin(per_class))
 
 
 def load_table(cfg: RunConfig) -> TileTable:
