@@ -129,7 +129,7 @@ def test_option_help_and_positive_class():
 
     import re
 
-    from jwth.eval.run import _positive_index
+    from jwth.eval.run import positive_index as _positive_index
 
     for cmd, opts in (("probe", ("--device", "--precision", "--num-workers", "--path-col", "--label-col", "--seed")),
                       ("extract", ("--device", "--precision", "--num-workers", "--path-col", "--label-col"))):
