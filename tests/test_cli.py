@@ -153,3 +153,17 @@ def test_cli_warnings_are_one_plain_line():
                          "    warnings.warn(")
     assert line == "warning: labels.csv: --patient-col none was given\n"
     assert warnings.formatwarning is not plain_warning  # only main() installs it, importing does not
+
+
+def test_every_option_of_every_command_has_help():
+    """A new command written without help texts (a kind of first-use failure) fails here."""
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not (p.help or "").strip() and p.name != "help":
+                missing.append(f"{name} --{p.name}")
+    assert not missing, f"options without help: {missing}"

@@ -9,6 +9,7 @@ import typer
 
 from jwth.cli.app import app
 from jwth.cli.probe import _HEADS_HELP, _fail
+from jwth.cli.probe import _DEVICE_HELP, _PATH_COL_HELP, _PRECISION_HELP, _SEED_HELP, _WORKERS_HELP  # one help text per option
 
 
 @app.command()
@@ -24,17 +25,17 @@ def benchmark(
     tiles_per_patient: Optional[int] = typer.Option(None, help="Keep at most this many tiles per patient (seeded): a cheaper subset."),
     cache: Optional[Path] = typer.Option(None, help="Token cache folder (default <out>/cache)."),
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
-    path_col: str = typer.Option("path"),
+    path_col: str = typer.Option("path", help=_PATH_COL_HELP),
     label_col: str = typer.Option("label", help="labels.csv label column (read and checked; tasks name their own columns)."),
     patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
     site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
     epochs: int = typer.Option(10, help="Head training epochs."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help=_SEED_HELP),
     batch_size: int = typer.Option(32, help="Extraction batch size."),
-    num_workers: int = typer.Option(1),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("auto"),
+    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    precision: str = typer.Option("auto", help=_PRECISION_HELP),
     skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
 ) -> None:
     """Every task of a task file x every cohort setting, one token cache, baselines in every table."""

@@ -133,7 +133,7 @@ def augment_preview_cmd(
     n_tiles: int = typer.Option(4, help="Tiles (rows)."),
     n_draws: int = typer.Option(5, help="Random draws per tile (columns after the original)."),
     strength: float = typer.Option(1.0, help="Multiplier of all augmentation ranges."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the tile choice and the augmentation draws."),
 ) -> None:
     """Write a PNG grid of real tiles under several random stain augmentations."""
     from jwth.augment import preview_grid

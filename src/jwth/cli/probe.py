@@ -23,8 +23,8 @@ _HEADS_HELP = "Comma-separated heads: linear, attention, mean, learned-query."
 _ENCODER_HELP = ("Encoder spec (see `jwth encoders`). Default: timm:vit_small_patch16_224 with a RANDOM "
                  "initialisation (no pretrained weights are bundled), i.e. a pipeline check.")
 _DEVICE_HELP = "Where the encoder runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
-_PRECISION_HELP = ("Autocast precision: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
-                   "fp32, bf16, or fp16 (CUDA only).")
+_PRECISION_HELP = ("Autocast precision: auto (bf16 on CUDA; on CPU bf16 only where measured faster than fp32, "
+                   "see `jwth env`), fp32, bf16, or fp16 (CUDA only).")
 _WORKERS_HELP = "Tile-decoding worker processes (0 = decode in the main process)."
 _PATH_COL_HELP = "Column of labels.csv with the tile paths (relative to --data)."
 _LABEL_COL_HELP = "Column of labels.csv with the class labels."
