@@ -217,6 +217,11 @@ def train(
             log.info("resuming %s at step %d/%d", out, start, total)
     if di.is_main:
         save_config(cfg, out / "config.yaml")
+        from jwth.device import resolve_precision
+
+        log.info("device %s, autocast %s (train.precision=%s)", di.device,
+                 str(resolve_precision(di.device, tc.get("precision", "auto"))).replace("torch.", ""),
+                 tc.get("precision", "auto"))  # fmt: skip
 
     # data
     mc = MultiCropConfig(
