@@ -21,8 +21,8 @@ def test_ids_stay_text(tmp_path):
 
 
 @pytest.mark.parametrize("labels, match", [
-    (["MSIMUT", "msimut ", "MSS"], r"'MSIMUT' / 'msimut'"),       # case and a trailing space
-    (["MSI MUT", "MSIMUT", "MSS"], r"'MSI MUT' / 'MSIMUT'"),      # inner space
+    (["MSIMUT", "msimut ", "MSS"], r"'MSIMUT' \(lines \[2\]\) / 'msimut' \(lines \[3\]\)"),       # case and a trailing space
+    (["MSI MUT", "MSIMUT", "MSS"], r"'MSI MUT' \(lines \[2\]\) / 'MSIMUT' \(lines \[3\]\)"),      # inner space
     (["MSS", "", "MSIMUT"], r"empty label .*lines \[3\]"),        # missing label, named by file line
 ])
 def test_bad_labels_name_the_rows(tmp_path, labels, match):

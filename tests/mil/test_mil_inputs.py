@@ -40,7 +40,7 @@ def test_mil_labels_checked_as_the_probe(numbered):
     text = labels.read_text().splitlines()
     cases = {
         "empty label": (text[:3] + ["003,"] + text[4:], r"empty label .*lines \[4\]"),
-        "case": (text[:3] + ["003,mss"] + text[4:], r"'MSS' / 'mss'"),
+        "case": (text[:3] + ["003,mss"] + text[4:], r"'MSS' \(lines \[[\d, ]+\]\) / 'mss' \(lines \[4\]\)"),
         "duplicate": (text + ["001,MSIMUT"], r"'001' on lines \[2, 14\], with different labels"),
         "one class": ([text[0]] + [f"{i:03d},MSS" for i in range(1, 13)], "only one class"),
     }

@@ -211,3 +211,31 @@ def test_data_workers_ignore_stop_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_resume_with_other_settings_is_refused_unless_asked(synthetic_tiles, tiny_overrides, tmp_path):
+    """A run resumed with another batch size would silently follow another schedule: refused,
+    with the changed keys named; allowed with train.resume_with_changes=true and recorded."""
+    ov = tiny_overrides + ["optim.epochs=1", "train.max_steps=1"]
+    train(load_config(overrides=ov), synthetic_tiles, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"optim.batch_size: 4 -> 8"):
+        train(load_config(overrides=ov + ["optim.batch_size=8"]), synthetic_tiles, tmp_path / "run")
+    # how it runs (train.*, monitor.*) may change freely
+    r = train(load_config(overrides=ov + ["train.max_steps=2", "train.checkpoint_every_minutes=5"]), synthetic_tiles,
+              tmp_path / "run")
+    assert r.steps_done == 2
+    r = train(load_config(overrides=ov + ["train.max_steps=3", "optim.base_lr=0.001", "train.resume_with_changes=true"]),
+              synthetic_tiles, tmp_path / "run")
+    assert r.steps_done == 3
+    rec = (tmp_path / "run" / "config_changes.jsonl").read_text()
+    assert "optim.base_lr" in rec
+
+
+def test_config_values_of_the_wrong_kind_are_named():
+    from jwth.ssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'optim.batch_size' needs a number .* got 'abc'"):
+        load_config(overrides=["optim.batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"'train.progress' needs a bool"):
+        load_config(overrides=["train.progress=1"])
+    assert load_config(overrides=["optim.epochs=1.5"])["optim"]["epochs"] == 1.5

@@ -105,7 +105,9 @@ def extract_tokens(
             cache.close()
         if not quiet:
             dt = time.time() - t0
-            print(f"extracted {done} tiles in {dt:.1f} s ({done / max(dt, 1e-9):.1f} tiles/s, {str(dtype)})")
+            name = getattr(encoder, "spec", None) or type(encoder).__name__
+            print(f"extracted {done} tiles with {name} in {dt:.1f} s ({done / max(dt, 1e-9):.1f} tiles/s, "
+                  f"{str(dtype).replace('torch.', '')})")
     else:
         cache.close()
     return TokenCache.open(cache_dir)

@@ -25,8 +25,7 @@ def pretrain_cmd(
 ) -> None:
     """Self-supervised pretraining (DINO + iBOT + KoLeo, multi-crop, stain augmentation).
 
-    Multi-process: `torchrun --nproc_per_node 2 -m jwth.cli pretrain ...` (or the
-    `jwth` script path); optim.batch_size is the global batch.
+    Multi-process: `torchrun --nproc_per_node 2 -m jwth.ssl pretrain ...`; optim.batch_size is the global batch.
     """
     from jwth.ssl.config import ConfigError, load_config
     from jwth.ssl.train import train
@@ -38,7 +37,7 @@ def pretrain_cmd(
         _fail(str(e))
     try:
         r = train(cfg, data, out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no tiles, bad values, a resume with other settings
         _fail(str(e))
     _report(r)
 
@@ -77,7 +76,7 @@ def posttrain_cmd(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         r = posttrain(from_run, data, out, overrides or [], config)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     _report(r)
 

@@ -113,7 +113,13 @@ def validate_labels(
         by_key.setdefault(class_key(lab), []).append(lab)
     near = [v for v in by_key.values() if len(v) > 1]
     if near:
-        shown = "; ".join(" / ".join(repr(x) for x in v) for v in near)
+        raw = df[label_col].astype(str)
+
+        def where(lab: str) -> str:  # the value as written (spaces visible) and its first lines
+            rows = df.index[labels == lab]
+            return f"{sorted(set(raw[rows]))[0]!r} (lines {_lines(rows[:3])})"
+
+        shown = "; ".join(" / ".join(where(x) for x in v) for v in near)
         raise ValueError(
             f"{source}: labels that differ only in case, spaces, '_' or '-' would become separate classes: "
             f"{shown}. Write each class exactly one way in column {label_col!r}.")

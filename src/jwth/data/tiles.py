@@ -163,10 +163,12 @@ def read_labels(
         notes["site_source"] = "unknown"
 
     if check_files:
-        missing = [p for p in df["path"] if not (root / p).is_file()]
+        is_missing = ~df["path"].map(lambda p: (root / p).is_file())
+        missing = df["path"][is_missing].tolist()
         if missing:
+            first = [f"line {i + 2}: {p}" for i, p in zip(df.index[is_missing][:3], missing[:3])]
             raise FileNotFoundError(
-                f"{lf}: {len(missing)} listed tiles do not exist under {root} (e.g. {missing[:3]}). "
+                f"{lf}: {len(missing)} listed tiles do not exist under {root} (e.g. {first}). "
                 "Paths are relative to the data folder; fix the paths or remove those rows, or pass "
                 "--skip-bad-tiles to leave them out (recorded in results.json)."
             )

@@ -64,8 +64,31 @@ def merge(base: dict, update: dict, prefix: str = "", root: dict | None = None) 
                 raise ConfigError(f"Config key {name!r} is a section; give sub-keys ({', '.join(out[k])})")
             out[k] = merge(out[k], v, name + ".", root)
         else:
-            out[k] = v
+            out[k] = _check_type(name, out[k], v)
     return out
+
+
+def _check_type(name: str, default: Any, value: Any) -> Any:
+    """``value`` if it has the kind of the key's default (a number for numbers, a bool for
+    bools, a list for lists, a string for strings; null always); else ConfigError naming the
+    key, the kind needed and the value."""
+    if value is None or default is None or name in OPEN_KEYS:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):  # numbers (epochs may be fractional)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(
+            f"Config key {name!r} needs a {'number' if isinstance(default, (int, float)) and not isinstance(default, bool) else type(default).__name__} "
+            f"(default {default!r}), got {value!r}.")
+    return float(value) if isinstance(default, float) else value
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
@@ -123,3 +146,28 @@ def get(cfg: dict, dotted: str) -> Any:
     for p in dotted.split("."):
         d = d[p]
     return d
+
+
+#: sections that may change when a run is resumed (how it runs, not what it learns)
+RESUMABLE_SECTIONS = ("train", "monitor")
+
+
+def config_changes(old: dict, new: dict, ignore: Iterable[str] = RESUMABLE_SECTIONS) -> list[str]:
+    """``"key: old -> new"`` for every leaf key whose value differs between two resolved
+    configs, outside the ``ignore`` sections; keys present in only one count as changed."""
+    keys = sorted(set(flat_keys(old)) | set(flat_keys(new)))
+    out = []
+    for k in keys:
+        if k.split(".", 1)[0] in ignore:
+            continue
+        try:
+            a = get(old, k)
+        except (KeyError, TypeError):
+            a = "<absent>"
+        try:
+            b = get(new, k)
+        except (KeyError, TypeError):
+            b = "<absent>"
+        if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out

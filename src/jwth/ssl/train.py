@@ -26,6 +26,7 @@ resumed automatically), ``encoder/`` (teacher backbone, loadable by
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 import warnings
@@ -202,6 +203,7 @@ def train(
     start = 0
     ckpt = out / CHECKPOINT_NAME
     if ckpt.is_file():
+        _check_resume_config(out, cfg, bool(tc.get("resume_with_changes")), di.is_main)
         tens, meta = load_checkpoint(ckpt)
         if meta.get("phase", "pretrain") != phase:
             raise ValueError(f"{ckpt} belongs to a {meta.get('phase')} run, not {phase}; use another --out.")
@@ -490,6 +492,35 @@ def train(
     if di.world_size > 1:
         dist.barrier()
     return RunResult(out, done, total, final_loss, enc_dir, rows, collapse_msgs, stopped_by, mon_rows)
+
+
+def _check_resume_config(out: Path, cfg: dict, allow: bool, is_main: bool) -> None:
+    """Refuse to resume ``out`` with settings other than those it was started with (outside
+    ``train`` / ``monitor``), unless ``allow``: then warn and append the changes to
+    ``config_changes.jsonl`` in the run folder.
+
+    Raises:
+        ValueError: settings differ and ``allow`` is false (the message lists them).
+    """
+    import yaml
+
+    from jwth.ssl.config import config_changes
+
+    old_file = out / "config.yaml"
+    if not old_file.is_file():
+        return
+    changes = config_changes(yaml.safe_load(old_file.read_text()) or {}, cfg)
+    if not changes:
+        return
+    if not allow:
+        raise ValueError(
+            f"{out} holds a run started with other settings ({'; '.join(changes)}). Resume with the "
+            f"run's own settings (its config.yaml), choose another --out, or add "
+            f"train.resume_with_changes=true to continue with the new ones (recorded in config_changes.jsonl).")
+    if is_main:
+        log.warning("resuming %s with changed settings: %s", out, "; ".join(changes))
+        with open(out / "config_changes.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
 
 
 def _write_loss_plot(out: Path) -> None:
