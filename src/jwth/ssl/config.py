@@ -148,17 +148,18 @@ def get(cfg: dict, dotted: str) -> Any:
     return d
 
 
-#: sections that may change when a run is resumed (how it runs, not what it learns)
-RESUMABLE_SECTIONS = ("train", "monitor")
+#: sections and keys that may change when a run is resumed (how it runs, not what it learns;
+#: model.init only seeds a run's first step: a resumed run's weights come from its checkpoint)
+RESUMABLE_SECTIONS = ("train", "monitor", "model.init")
 
 
 def config_changes(old: dict, new: dict, ignore: Iterable[str] = RESUMABLE_SECTIONS) -> list[str]:
     """``"key: old -> new"`` for every leaf key whose value differs between two resolved
-    configs, outside the ``ignore`` sections; keys present in only one count as changed."""
+    configs, outside the ``ignore`` sections and keys; keys present in only one count as changed."""
     keys = sorted(set(flat_keys(old)) | set(flat_keys(new)))
     out = []
     for k in keys:
-        if k.split(".", 1)[0] in ignore:
+        if k in ignore or k.split(".", 1)[0] in ignore:
             continue
         try:
             a = get(old, k)
