@@ -135,9 +135,11 @@ def plot_losses(runs: list[str | Path], out_png: str | Path, labels: list[str] |
         if mon is not None and len(mon):
             xm = mon["step"].to_numpy() + offset
             for ax, cols in ((axes.flat[n_loss_panels], MONITOR_BACC), (axes.flat[n_loss_panels + 1], MONITOR_RANK)):
-                for (col, name), ls in zip(cols, styles):
+                for i, ((col, name), ls) in enumerate(zip(cols, styles)):
                     if col in mon.columns:
-                        ax.plot(xm, mon[col].to_numpy(float), ls, color=color, marker=".", lw=1.1,
+                        # one run: a colour per metric; several runs: the run's colour, a line style per metric
+                        c = f"C{i}" if len(frames) == 1 else color
+                        ax.plot(xm, mon[col].to_numpy(float), ls, color=c, marker=".", lw=1.1,
                                 label=f"{name}" if len(frames) == 1 else f"{label}: {name}")  # fmt: skip
         for ax, (col, title) in zip(axes.flat[:n_loss_panels], present):
             if col not in frame.columns:
