@@ -9,7 +9,7 @@ import typer
 
 from jwth.cli.app import app
 from jwth.cli.probe import _HEADS_HELP, _fail
-from jwth.cli.probe import _DEVICE_HELP, _PATH_COL_HELP, _PRECISION_HELP, _SEED_HELP, _WORKERS_HELP  # one help text per option
+from jwth.cli.probe import BATCH_SIZE_OPT, DEVICE_OPT, N_BOOT_OPT, PATIENT_COL_OPT, PRECISION_OPT, SEED_OPT, SITE_COL_OPT, SKIP_BAD_OPT, WORKERS_OPT, _PATH_COL_HELP
 
 
 @app.command()
@@ -27,16 +27,16 @@ def benchmark(
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
     path_col: str = typer.Option("path", help=_PATH_COL_HELP),
     label_col: str = typer.Option("label", help="labels.csv label column (read and checked; tasks name their own columns)."),
-    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
-    site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
+    patient_col: str = PATIENT_COL_OPT,
+    site_col: Optional[str] = SITE_COL_OPT,
     epochs: int = typer.Option(10, help="Head training epochs."),
-    n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
-    seed: int = typer.Option(0, help=_SEED_HELP),
-    batch_size: int = typer.Option(32, help="Extraction batch size."),
-    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    precision: str = typer.Option("auto", help=_PRECISION_HELP),
-    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
+    n_boot: int = N_BOOT_OPT,
+    seed: int = SEED_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    num_workers: int = WORKERS_OPT,
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
+    skip_bad_tiles: bool = SKIP_BAD_OPT,
 ) -> None:
     """Every task of a task file x every cohort setting, one token cache, baselines in every table."""
     from jwth.encoders import DEFAULT_ENCODER

@@ -9,7 +9,7 @@ import typer
 
 from jwth.cli.app import app
 from jwth.cli.probe import _csv, _fail
-from jwth.cli.probe import _DEVICE_HELP, _LABEL_COL_HELP, _PATH_COL_HELP, _SEED_HELP  # one help text per option
+from jwth.cli.probe import DEVICE_OPT, N_BOOT_OPT, PATIENT_COL_OPT, SEED_OPT, SITE_COL_OPT, SKIP_BAD_OPT, _LABEL_COL_HELP, _PATH_COL_HELP
 
 
 @app.command()
@@ -41,16 +41,16 @@ def finetune(
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
     path_col: str = typer.Option("path", help=_PATH_COL_HELP),
     label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
-    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
-    site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
+    patient_col: str = PATIENT_COL_OPT,
+    site_col: Optional[str] = SITE_COL_OPT,
     positive: Optional[str] = typer.Option(None, help="Positive class for ROC (default: the rarer class)."),
-    n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
-    seed: int = typer.Option(0, help=_SEED_HELP),
+    n_boot: int = N_BOOT_OPT,
+    seed: int = SEED_OPT,
     num_workers: int = typer.Option(0, help="Tile-decoding workers (when the tiles do not fit in memory)."),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    device: str = DEVICE_OPT,
     precision: str = typer.Option("auto", help="auto (bf16 where faster), fp32, bf16, fp16 (CUDA)."),
-    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
+    skip_bad_tiles: bool = SKIP_BAD_OPT,
 ) -> None:
     """Fine-tune encoder + head (full, LoRA, last k blocks) with the probe's splits, metrics and run folder.
 

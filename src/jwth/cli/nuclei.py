@@ -9,7 +9,7 @@ import typer
 
 from jwth.cli.app import app
 from jwth.cli.probe import _fail
-from jwth.cli.probe import _DEVICE_HELP, _LABEL_COL_HELP, _PATH_COL_HELP, _SEED_HELP  # one help text per option
+from jwth.cli.probe import DEVICE_OPT, PATIENT_COL_OPT, SEED_OPT, _LABEL_COL_HELP, _PATH_COL_HELP
 
 
 def _run_settings(run: Path) -> dict:
@@ -47,12 +47,12 @@ def nuclei_alignment(
     mpp: float = typer.Option(0.5, help="Tile resolution in um/px (nucleus sizes are in um)."),
     epochs: int = typer.Option(10, help="Head training epochs."),
     n_boot: int = typer.Option(1000, help="Patient bootstrap resamples for the CIs."),
-    seed: int = typer.Option(0, help=_SEED_HELP),
+    seed: int = SEED_OPT,
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
     path_col: str = typer.Option("path", help=_PATH_COL_HELP),
     label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
-    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    patient_col: str = PATIENT_COL_OPT,
+    device: str = DEVICE_OPT,
 ) -> None:
     """Token <-> nucleus alignment: attention-weighted nuclear fraction vs uniform, per head and class.
 

@@ -30,6 +30,17 @@ _PATH_COL_HELP = "Column of labels.csv with the tile paths (relative to --data).
 _LABEL_COL_HELP = "Column of labels.csv with the class labels."
 _SEED_HELP = "Seed of the folds, the inner splits, head initialisation and the bootstrap."
 
+# options shared by probe, benchmark, finetune and nuclei-alignment (one definition, one help text)
+PATIENT_COL_OPT = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile).")
+SITE_COL_OPT = typer.Option(None, help="Site column (default: site or tss).")
+N_BOOT_OPT = typer.Option(1000, help="Bootstrap resamples for CIs.")
+SEED_OPT = typer.Option(0, help=_SEED_HELP)
+BATCH_SIZE_OPT = typer.Option(32, help="Extraction batch size.")
+WORKERS_OPT = typer.Option(1, help=_WORKERS_HELP)
+DEVICE_OPT = typer.Option("auto", help=_DEVICE_HELP)
+PRECISION_OPT = typer.Option("auto", help=_PRECISION_HELP)
+SKIP_BAD_OPT = typer.Option(False, help="Leave undecodable tiles out (recorded).")
+
 
 def _csv(s: Optional[str]) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
@@ -45,9 +56,9 @@ def extract(
     label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
     patient_col: str = typer.Option("patient_id", help="Patient column ('none' to derive)."),
     batch_size: int = typer.Option(32, help="Tiles per forward pass."),
-    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    precision: str = typer.Option("auto", help=_PRECISION_HELP),
+    num_workers: int = WORKERS_OPT,
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     no_patches: bool = typer.Option(False, "--no-patches", help="Store class/register tokens only."),
     skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded in the manifest)."),
 ) -> None:
@@ -135,18 +146,18 @@ def probe(
     labels: str = typer.Option("labels.csv", help="Label file inside --data."),
     path_col: str = typer.Option("path", help=_PATH_COL_HELP),
     label_col: str = typer.Option("label", help=_LABEL_COL_HELP),
-    patient_col: str = typer.Option("patient_id", help="Patient column ('none': derive from TCGA barcodes or per tile)."),
-    site_col: Optional[str] = typer.Option(None, help="Site column (default: site or tss)."),
+    patient_col: str = PATIENT_COL_OPT,
+    site_col: Optional[str] = SITE_COL_OPT,
     positive: Optional[str] = typer.Option(
         None, help="Positive class of the ROC curve (default: the class with the fewest patients)."),
     epochs: int = typer.Option(10, help="Head training epochs."),
-    n_boot: int = typer.Option(1000, help="Bootstrap resamples for CIs."),
-    seed: int = typer.Option(0, help=_SEED_HELP),
-    batch_size: int = typer.Option(32, help="Extraction batch size."),
-    num_workers: int = typer.Option(1, help=_WORKERS_HELP),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    precision: str = typer.Option("auto", help=_PRECISION_HELP),
-    skip_bad_tiles: bool = typer.Option(False, help="Leave undecodable tiles out (recorded)."),
+    n_boot: int = N_BOOT_OPT,
+    seed: int = SEED_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    num_workers: int = WORKERS_OPT,
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
+    skip_bad_tiles: bool = SKIP_BAD_OPT,
 ) -> None:
     """Linear probe vs JWTH attention pooling on a frozen encoder, with patient-level CV and CIs."""
     from jwth.encoders import DEFAULT_ENCODER
@@ -164,7 +175,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
     encoder: str = typer.Option(None, "--encoder", help=_ENCODER_HELP),
     heads: str = typer.Option("linear,attention", help=_HEADS_HELP + " The ablations add training time."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    device: str = DEVICE_OPT,
 ) -> None:
     """The main job: probe MSI vs MSS on the bundled TCGA colorectal tiles and print the table."""
     from jwth.encoders import DEFAULT_ENCODER
