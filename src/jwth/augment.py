@@ -10,8 +10,9 @@ LAB -> HSV -> HED, each with its own probability:
 - **HSV**: hue rotated by U(-hsv_hue, hsv_hue) (fraction of the circle), saturation and
   value multiplied by 1 + U(-hsv_sat, hsv_sat), 1 + U(-hsv_val, hsv_val).
 - **HED** (colour deconvolution, Ruifrok & Johnston 2001; jitter of Tellez et al. 2018):
-  optical density OD = -ln(RGB), stain concentrations C = OD M^-1 with the
-  haematoxylin/eosin/DAB matrix M of scikit-image, then C' = C (1 + a) + b with
+  optical density OD = -ln(RGB), stain concentrations C = OD M^-1 where the rows of M
+  are the unit OD vectors of haematoxylin and eosin of Ruifrok & Johnston (the values
+  scikit-image uses) and, for DAB, their normalised cross product; then C' = C (1 + a) + b with
   a ~ U(-hed_alpha, hed_alpha), b ~ U(-hed_beta, hed_beta) per stain.
 
 Every range is multiplied by ``strength``; at strength 0 the result equals the input
@@ -184,6 +185,110 @@ def _uniform(n: int, k: int, half_range: float | torch.Tensor, g: torch.Generato
     return u * torch.as_tensor(half_range, dtype=torch.float32)
 
 
+@dataclass
+class StainDraw:
+    """The random parameters of one :func:`stain_augment` call, one row per sample.
+
+    Attributes (n = batch size; ranges already multiplied by the strength, zero rows
+    where a perturbation is off for that sample):
+        lab_scale, lab_shift: (n, 3) s and d for (L, a*, b*).
+        hsv: (n, 3) hue rotation (fraction of the circle), relative saturation and value change.
+        hed_alpha, hed_beta: (n, 3) relative and additive change of the H, E, D concentrations.
+        on: (n, 3) bool, whether LAB, HSV, HED are applied to each sample.
+    """
+
+    lab_scale: torch.Tensor
+    lab_shift: torch.Tensor
+    hsv: torch.Tensor
+    hed_alpha: torch.Tensor
+    hed_beta: torch.Tensor
+    on: torch.Tensor
+
+
+def draw_stain(n: int, config: StainAugmentConfig | None = None, generator: torch.Generator | None = None) -> StainDraw:
+    """Draw the parameters of the stain perturbation for ``n`` samples (CPU generator).
+
+    The draw order is fixed (LAB switch, scale, shift; HSV switch, hue, saturation,
+    value; HED switch, alpha, beta) so a seeded generator always yields the same
+    parameters, and the uniform variates do not depend on ``strength``: the same seed at
+    strength 2 gives the same direction as at strength 1, twice as far.
+    """
+    cfg = config or StainAugmentConfig()
+    st = float(cfg.strength)
+    on_lab = (torch.rand(n, generator=generator) < cfg.p_lab).float()[:, None]
+    s = _uniform(n, 3, torch.tensor(cfg.lab_scale) * st, generator) * on_lab
+    d = _uniform(n, 3, torch.tensor(cfg.lab_shift) * st, generator) * on_lab
+    on_hsv = (torch.rand(n, generator=generator) < cfg.p_hsv).float()[:, None]
+    hue = _uniform(n, 1, cfg.hsv_hue * st, generator) * on_hsv
+    sat = _uniform(n, 1, cfg.hsv_sat * st, generator) * on_hsv
+    val = _uniform(n, 1, cfg.hsv_val * st, generator) * on_hsv
+    on_hed = (torch.rand(n, generator=generator) < cfg.p_hed).float()[:, None]
+    a = _uniform(n, 3, cfg.hed_alpha * st, generator) * on_hed
+    b = _uniform(n, 3, cfg.hed_beta * st, generator) * on_hed
+    on = torch.cat([on_lab, on_hsv, on_hed], dim=1) > 0
+    return StainDraw(s, d, torch.cat([hue, sat, val], dim=1), a, b, on)
+
+
+@torch.no_grad()
+def apply_stain(images: torch.Tensor, draw: StainDraw, config: StainAugmentConfig | None = None) -> torch.Tensor:
+    """Apply drawn stain parameters (:func:`draw_stain`) to a batch of tiles.
+
+    Args:
+        images: (B, 3, H, W) uint8, or float with values in [0, 255].
+        draw: parameters with B rows.
+        config: only ``preserve_background``, ``background_l`` and ``background_soft`` are read.
+
+    Returns:
+        Tensor of the input's shape, dtype and device, values in [0, 255] (rounded for
+        uint8 input).
+
+    Raises:
+        ValueError: input is not (B, 3, H, W), or the draw has another number of rows.
+    """
+    cfg = config or StainAugmentConfig()
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    if draw.on.shape[0] != n:
+        raise ValueError(f"stain draw has {draw.on.shape[0]} rows for a batch of {n} tiles")
+    in_dtype = images.dtype
+    x = images.float() / 255.0
+    x = torch.nan_to_num(x, nan=1.0).clamp(0.0, 1.0)
+    dev = x.device
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dev).reshape(n, -1, 1, 1)
+
+    lab0 = rgb_to_lab(x)
+    out = x
+    if bool(draw.on[:, 0].any()):  # LAB
+        lab = lab0 * (1 + per_sample(draw.lab_scale)) + per_sample(draw.lab_shift)
+        lab[:, 0] = lab[:, 0].clamp(0.0, 100.0)
+        out = lab_to_rgb(lab)
+    if bool(draw.on[:, 1].any()):  # HSV
+        hsv = rgb_to_hsv(out)
+        hsv = torch.cat(
+            [
+                (hsv[:, :1] + per_sample(draw.hsv[:, 0])) % 1.0,
+                (hsv[:, 1:2] * (1 + per_sample(draw.hsv[:, 1]))).clamp(0, 1),
+                (hsv[:, 2:3] * (1 + per_sample(draw.hsv[:, 2]))).clamp(0, 1),
+            ],
+            dim=1,
+        )
+        out = hsv_to_rgb(hsv)
+    if bool(draw.on[:, 2].any()):  # HED
+        hed = rgb_to_hed(out)
+        out = hed_to_rgb(hed * (1 + per_sample(draw.hed_alpha)) + per_sample(draw.hed_beta))
+    if cfg.preserve_background:
+        soft = max(float(cfg.background_soft), 1e-6)
+        w = ((cfg.background_l - lab0[:, :1]) / soft).clamp(0.0, 1.0)
+        out = x + w * (out - x)
+    out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0) * 255.0
+    if in_dtype == torch.uint8:
+        return out.round().to(torch.uint8)
+    return out.to(in_dtype)
+
+
 @torch.no_grad()
 def stain_augment(
     images: torch.Tensor,
@@ -191,6 +296,8 @@ def stain_augment(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Randomly perturb the stain colours of a batch of H&E tiles.
+
+    :func:`draw_stain` then :func:`apply_stain`; each sample gets its own draw.
 
     Args:
         images: (B, 3, H, W) uint8, or float with values in [0, 255].
@@ -204,59 +311,9 @@ def stain_augment(
     Raises:
         ValueError: input is not (B, 3, H, W).
     """
-    cfg = config or StainAugmentConfig()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected (B, 3, H, W), got {tuple(images.shape)}")
-    in_dtype = images.dtype
-    n = images.shape[0]
-    x = images.float() / 255.0
-    x = torch.nan_to_num(x, nan=1.0).clamp(0.0, 1.0)
-    st = float(cfg.strength)
-    dev = x.device
-
-    def per_sample(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dev).view(n, -1, 1, 1)
-
-    lab0 = rgb_to_lab(x)
-    out = x
-    # LAB
-    on = (torch.rand(n, generator=generator) < cfg.p_lab).float()[:, None]
-    s = _uniform(n, 3, torch.tensor(cfg.lab_scale) * st, generator) * on
-    d = _uniform(n, 3, torch.tensor(cfg.lab_shift) * st, generator) * on
-    lab = lab0 * (1 + per_sample(s)) + per_sample(d)
-    lab[:, 0] = lab[:, 0].clamp(0.0, 100.0)
-    out = lab_to_rgb(lab) if bool(on.any()) else out
-    # HSV
-    on = (torch.rand(n, generator=generator) < cfg.p_hsv).float()[:, None]
-    hue = _uniform(n, 1, cfg.hsv_hue * st, generator) * on
-    sat = _uniform(n, 1, cfg.hsv_sat * st, generator) * on
-    val = _uniform(n, 1, cfg.hsv_val * st, generator) * on
-    if bool(on.any()):
-        hsv = rgb_to_hsv(out)
-        hsv = torch.cat(
-            [
-                (hsv[:, :1] + per_sample(hue)) % 1.0,
-                (hsv[:, 1:2] * (1 + per_sample(sat))).clamp(0, 1),
-                (hsv[:, 2:3] * (1 + per_sample(val))).clamp(0, 1),
-            ],
-            dim=1,
-        )
-        out = hsv_to_rgb(hsv)
-    # HED
-    on = (torch.rand(n, generator=generator) < cfg.p_hed).float()[:, None]
-    a = _uniform(n, 3, cfg.hed_alpha * st, generator) * on
-    b = _uniform(n, 3, cfg.hed_beta * st, generator) * on
-    if bool(on.any()):
-        hed = rgb_to_hed(out)
-        out = hed_to_rgb(hed * (1 + per_sample(a)) + per_sample(b))
-    if cfg.preserve_background:
-        soft = max(float(cfg.background_soft), 1e-6)
-        w = ((cfg.background_l - lab0[:, :1]) / soft).clamp(0.0, 1.0)
-        out = x + w * (out - x)
-    out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0) * 255.0
-    if in_dtype == torch.uint8:
-        return out.round().to(torch.uint8)
-    return out.to(in_dtype)
+    return apply_stain(images, draw_stain(images.shape[0], config, generator), config)
 
 
 def preview_grid(

@@ -159,3 +159,17 @@ def test_gram_loss_formula_zero_positive_and_prefix_ignored():
 def test_gram_loss_shape_mismatch_raises():
     with pytest.raises(ValueError):
         GramLoss()(torch.randn(1, 5, 4), torch.randn(1, 6, 4))
+
+
+@pytest.mark.parametrize("n_t,n_s,n_global", [(2, 10, 2), (2, 2, 0), (1, 3, 1), (3, 3, 3)])
+def test_dino_loss_pairs_against_a_loop_over_pairs(n_t, n_s, n_global):
+    """The summed-teacher form equals the mean over (teacher, student) pairs of different views."""
+    rng = np.random.default_rng(n_t * 10 + n_s)
+    b, k, tau_s = 4, 7, 0.1
+    pt = [np_softmax(rng.normal(size=(b, k)) / 0.04) for _ in range(n_t)]
+    ss = [rng.normal(size=(b, k)) for _ in range(n_s)]
+    terms = [-(pt[t] * np.log(np_softmax(ss[s] / tau_s))).sum(-1).mean()
+             for s in range(n_s) for t in range(n_t) if not (s < n_global and s == t)]
+    got = DINOLoss(k, student_temp=tau_s)([torch.tensor(x, dtype=torch.float32) for x in ss],
+                                          [torch.tensor(x, dtype=torch.float32) for x in pt], n_global=n_global)
+    assert got.item() == pytest.approx(float(np.mean(terms)), rel=1e-5)

@@ -27,6 +27,7 @@ def extract_tokens(
     skip_bad_tiles: bool = False,
     on_batch: Callable[[int], None] | None = None,
     quiet: bool = False,
+    image_shift=None,
 ) -> TokenCache:
     """Extract class, register and patch tokens of every tile into ``cache_dir``.
 
@@ -45,6 +46,9 @@ def extract_tokens(
         skip_bad_tiles: leave undecodable tiles out (recorded in the manifest).
         on_batch: called with the number of tiles done after each written batch.
         quiet: no progress bar.
+        image_shift: a :class:`jwth.eval.stain_shift.StainShift` applied to each decoded
+            tile before the encoder's transform (recorded in the cache identity, so a
+            shifted cache is never mistaken for an unshifted one), or None.
 
     Returns:
         The :class:`TokenCache`, opened for reading.
@@ -56,7 +60,7 @@ def extract_tokens(
     cache_dir = Path(cache_dir)
     device = next(encoder.parameters()).device
     table, report = _checked_table(encoder, table, cache_dir, skip_bad_tiles, quiet)
-    identity = manifest_for(encoder, table.df["path"].tolist(), store_patches)
+    identity = manifest_for(encoder, table.df["path"].tolist(), store_patches, image_shift)
     h, w = encoder.grid_for(encoder.input_size, encoder.input_size)
     dtype = resolve_precision(device, precision)  # type: ignore[arg-type]
     cache = TokenCache.create_or_resume(
@@ -77,7 +81,8 @@ def extract_tokens(
     )
     todo = np.flatnonzero(~cache.done_mask)
     if len(todo):
-        ds = TileDataset(table.root, table.df["path"].tolist(), encoder.transform)
+        keys = table.df[image_shift.key_column()].astype(str).tolist() if image_shift is not None else None
+        ds = TileDataset(table.root, table.df["path"].tolist(), encoder.transform, image_shift, keys)
         sub = torch.utils.data.Subset(ds, todo.tolist())
         loader = torch.utils.data.DataLoader(
             sub, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -31,7 +31,8 @@ MANIFEST = "manifest.json"
 TILES = "tiles.csv"
 FORMAT_VERSION = 1
 # Keys that must match for a cache to be reused.
-IDENTITY_KEYS = ("format", "encoder_spec", "weights_hash", "transform", "dtype", "tiles_hash", "store_patches")
+IDENTITY_KEYS = ("format", "encoder_spec", "weights_hash", "transform", "dtype", "tiles_hash", "store_patches",
+                 "image_shift")
 
 
 class CacheMismatchError(RuntimeError):
@@ -47,9 +48,10 @@ def tiles_hash(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
 
 
-def manifest_for(encoder, paths: list[str], store_patches: bool = True) -> dict:
-    """The identity part of a manifest for ``encoder`` over ``paths``."""
-    return {
+def manifest_for(encoder, paths: list[str], store_patches: bool = True, image_shift=None) -> dict:
+    """The identity part of a manifest for ``encoder`` over ``paths`` (and the stain shift
+    applied to the tiles, :class:`jwth.eval.stain_shift.StainShift`, if any)."""
+    ident = {
         "format": FORMAT_VERSION,
         "encoder_spec": encoder.spec,
         "weights_hash": encoder.weights_hash,
@@ -58,6 +60,9 @@ def manifest_for(encoder, paths: list[str], store_patches: bool = True) -> dict:
         "tiles_hash": tiles_hash(paths),
         "store_patches": bool(store_patches),
     }
+    if image_shift is not None:
+        ident["image_shift"] = image_shift.describe()
+    return ident
 
 
 class TokenCache:

@@ -9,7 +9,10 @@ import typer
 
 from jwth.cli.app import app
 from jwth.cli.probe import _HEADS_HELP, _fail
-from jwth.cli.probe import BATCH_SIZE_OPT, DEVICE_OPT, N_BOOT_OPT, PATIENT_COL_OPT, PRECISION_OPT, SEED_OPT, SITE_COL_OPT, SKIP_BAD_OPT, WORKERS_OPT, _PATH_COL_HELP
+from jwth.cli.probe import (
+    BATCH_SIZE_OPT, DEVICE_OPT, N_BOOT_OPT, PATIENT_COL_OPT, PRECISION_OPT, SEED_OPT, SITE_COL_OPT, SKIP_BAD_OPT,
+    STAIN_SHIFT_OPT, STAIN_SHIFT_PER_OPT, STAIN_SHIFT_SEED_OPT, WORKERS_OPT, _PATH_COL_HELP,
+)
 
 
 @app.command()
@@ -37,12 +40,16 @@ def benchmark(
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     skip_bad_tiles: bool = SKIP_BAD_OPT,
+    stain_shift: Optional[str] = STAIN_SHIFT_OPT,
+    stain_shift_per: str = STAIN_SHIFT_PER_OPT,
+    stain_shift_seed: int = STAIN_SHIFT_SEED_OPT,
 ) -> None:
     """Every task of a task file x every cohort setting, one token cache, baselines in every table."""
     from jwth.encoders import DEFAULT_ENCODER
     from jwth.eval.baselines import parse_baselines
     from jwth.eval.benchmark import BenchmarkConfig, benchmark_run
     from jwth.eval.probe import ProbeConfig
+    from jwth.eval.stain_shift import parse_strengths
     from jwth.eval.train import HeadTrainConfig
     from jwth.heads import parse_heads
 
@@ -54,7 +61,8 @@ def benchmark(
             device=device, precision=precision, batch_size=batch_size, num_workers=num_workers,
             skip_bad_tiles=skip_bad_tiles,
             probe=ProbeConfig(heads=parse_heads(heads), folds=folds, n_boot=n_boot, baselines=parse_baselines(baselines),
-                              train=HeadTrainConfig(epochs=epochs, seed=seed)),
+                              train=HeadTrainConfig(epochs=epochs, seed=seed), stain_shift=parse_strengths(stain_shift),
+                              stain_shift_per=stain_shift_per, stain_shift_seed=stain_shift_seed),
         )
         res = benchmark_run(cfg)
     except KeyboardInterrupt:

@@ -40,6 +40,13 @@ WORKERS_OPT = typer.Option(1, help=_WORKERS_HELP)
 DEVICE_OPT = typer.Option("auto", help=_DEVICE_HELP)
 PRECISION_OPT = typer.Option("auto", help=_PRECISION_HELP)
 SKIP_BAD_OPT = typer.Option(False, help="Leave undecodable tiles out (recorded).")
+STAIN_SHIFT_OPT = typer.Option(
+    None, help="Test-time stain shift strengths, e.g. 0,0.5,1,2: the trained heads are re-scored on test tiles "
+    "perturbed by jwth.augment at each strength (LAB+HSV+HED, ranges x strength; 0 = unshifted). Writes the "
+    "balanced accuracy curve with CIs and drops (stain_shift.png).")
+STAIN_SHIFT_PER_OPT = typer.Option(
+    "tile", help="What shares one stain-shift draw: tile, patient, or site (one colour change per centre).")
+STAIN_SHIFT_SEED_OPT = typer.Option(0, help="Seed of the stain-shift draws (the same per tile for every encoder).")
 
 
 def _csv(s: Optional[str]) -> list[str]:
@@ -92,11 +99,13 @@ def _probe(
     data: Path, encoder: str, out: Path, heads: str, split: str, folds: int, test_sites: Optional[str],
     cache: Optional[Path], labels: str, path_col: str, label_col: str, patient_col: str, site_col: Optional[str],
     positive: Optional[str], epochs: int, n_boot: int, seed: int, batch_size: int, num_workers: int,
-    device: str, precision: str, skip_bad_tiles: bool,
+    device: str, precision: str, skip_bad_tiles: bool, stain_shift: Optional[str] = None,
+    stain_shift_per: str = "tile", stain_shift_seed: int = 0,
 ) -> dict:
     from jwth.eval.probe import ProbeConfig
     from jwth.eval.report import results_table
     from jwth.eval.run import RunConfig, probe_run
+    from jwth.eval.stain_shift import parse_strengths
     from jwth.eval.train import HeadTrainConfig
     from jwth.heads import parse_heads
 
@@ -108,11 +117,17 @@ def _probe(
         probe=ProbeConfig(
             heads=parse_heads(heads), split=split, folds=folds, test_sites=_csv(test_sites),
             n_boot=n_boot, positive_class=positive, train=HeadTrainConfig(epochs=epochs, seed=seed),
+            stain_shift=parse_strengths(stain_shift), stain_shift_per=stain_shift_per,
+            stain_shift_seed=stain_shift_seed,
         ),
     )
     res = probe_run(cfg)
     typer.echo("")
     typer.echo(results_table(res))
+    if res.get("stain_shift"):
+        from jwth.eval.stain_shift import shift_table
+
+        typer.echo("\n" + shift_table(res["stain_shift"]))
     n_cls = len(res["classes"])
     typer.echo(f"\nchance level: balanced accuracy {1 / n_cls:.3f} ({n_cls} classes), AUROC 0.5; "
                f"ROC positive class {res['positive_class']}.")
@@ -158,6 +173,9 @@ def probe(
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     skip_bad_tiles: bool = SKIP_BAD_OPT,
+    stain_shift: Optional[str] = STAIN_SHIFT_OPT,
+    stain_shift_per: str = STAIN_SHIFT_PER_OPT,
+    stain_shift_seed: int = STAIN_SHIFT_SEED_OPT,
 ) -> None:
     """Linear probe vs JWTH attention pooling on a frozen encoder, with patient-level CV and CIs."""
     from jwth.encoders import DEFAULT_ENCODER
@@ -165,7 +183,7 @@ def probe(
     try:
         _probe(data, encoder or DEFAULT_ENCODER, out, heads, split, folds, test_sites, cache, labels, path_col,
                label_col, patient_col, site_col, positive, epochs, n_boot, seed, batch_size, num_workers,
-               device, precision, skip_bad_tiles)
+               device, precision, skip_bad_tiles, stain_shift, stain_shift_per, stain_shift_seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
 
@@ -201,7 +219,8 @@ def compare(
     metric: str = typer.Option("bacc", help="bacc, f1_macro or auroc."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples."),
     seed: int = typer.Option(0, help="Resampling seed."),
-    out: Path = typer.Option(None, "--out", help="Write compare.json and compare.md here."),
+    out: Path = typer.Option(None, "--out", help="Write compare.json and compare.md here (and stain_shift.png "
+                             "when both runs have a stain-shift curve)."),
 ) -> None:
     """Paired patient-level bootstrap of run A minus run B, per head (same tiles, same labels)."""
     from jwth.eval.compare import compare_runs, comparison_table
@@ -218,6 +237,10 @@ def compare(
         write_json(out / "compare.json", cmp)
         (out / "compare.md").write_text(table + "\n")
         typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+        from jwth.eval.stain_shift import plot_compared_shift
+
+        if plot_compared_shift(out / "stain_shift.png", {"A": run_a, "B": run_b}):
+            typer.echo(f"wrote {out / 'stain_shift.png'} (both runs' stain-shift curves)")
 
 
 @app.command()

@@ -388,18 +388,25 @@ class TileDataset(torch.utils.data.Dataset):
         root: data set folder.
         paths: tile paths relative to ``root``.
         transform: PIL RGB -> tensor (3, H, W).
+        image_shift: optional ``(PIL RGB, key) -> PIL RGB`` applied before ``transform``
+            (:class:`jwth.eval.stain_shift.StainShift`), with ``keys[i]`` for tile i.
 
     ``__getitem__`` returns ``(image (3, H, W), index)``.
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], transform: Callable) -> None:
+    def __init__(self, root: Path, paths: Sequence[str], transform: Callable,
+                 image_shift: Callable | None = None, keys: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         self.paths = list(paths)
         self.transform = transform
+        self.image_shift = image_shift
+        self.keys = list(keys) if keys is not None else list(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         img, _ = load_tile(self.root / self.paths[i])
+        if self.image_shift is not None:
+            img = self.image_shift(img, self.keys[i])
         return self.transform(img), i

@@ -91,7 +91,8 @@ def _patient_summary(yp: np.ndarray, pp: np.ndarray, n_boot: int, seed: int) -> 
 
 
 def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classes: list[str],
-                  colour_cls: np.ndarray | None = None, quiet: bool = True) -> dict:
+                  colour_cls: np.ndarray | None = None, quiet: bool = True,
+                  colour_shifted: dict | None = None, shift_out: dict | None = None) -> dict:
     """Score the baselines of ``cfg.baselines`` on the probe's own splits.
 
     Args:
@@ -100,6 +101,11 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
         patients: patient ID per tile (T,); bag sizes are counted over all T rows.
         splits: (train_idx, test_idx, fit_idx, val_idx) tuples.
         colour_cls: (T, 72) colour statistics for the ``colour`` baseline, or None.
+        colour_shifted: ``{strength: (T, 72)}`` colour statistics of stain-shifted tiles
+            (:mod:`jwth.eval.stain_shift`); the colour heads trained on ``colour_cls`` also
+            predict these, and ``shift_out[strength]`` receives the (n_tested, C)
+            probabilities in the order of the concatenated test indices (``shift_out[0.0]``:
+            the unshifted ones).
 
     Returns:
         ``{name: {"tile": summary, "patient": summary}}`` with the summaries of
@@ -127,6 +133,7 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
             feats = Features(cls=torch.as_tensor(np.asarray(colour_cls, dtype=np.float32)))
             D = feats.cls.shape[1]
             probs = []
+            shifted = {s: [] for s in (colour_shifted or {})}
             for tr, te, fit_idx, val_idx in splits:
                 def make():
                     torch.manual_seed(seed)
@@ -134,7 +141,12 @@ def run_baselines(cfg, y: np.ndarray, patients: np.ndarray, splits: list, classe
 
                 model, _ = select_and_fit(make, feats, y, fit_idx, val_idx, tr, cfg.train, C)
                 probs.append(predict(model, feats, te)[0])
+                for s, cs in (colour_shifted or {}).items():
+                    shifted[s].append(predict(model, Features(cls=torch.as_tensor(cs, dtype=torch.float32)), te)[0])
             out[name] = summarize(yt, np.concatenate(probs), pt, cfg.n_boot, seed)
+            if shift_out is not None and colour_shifted:
+                shift_out[0.0] = np.concatenate(probs)
+                shift_out.update({s: np.concatenate(v) for s, v in shifted.items()})
         elif name == "tile-count":
             sizes = bag_sizes(patients)
             parts = [tile_count_prob(y, patients, sizes, sp[0], sp[1], C) for sp in splits]

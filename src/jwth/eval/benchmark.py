@@ -180,13 +180,15 @@ def _cell_record(task: TaskLabels, ev: Evaluation) -> dict:
 
 
 def run_cells(cache, cfg: BenchmarkConfig, tf: TaskFile, tasks: list[TaskLabels], rows: np.ndarray,
-              tiles: pd.DataFrame, cohorts: np.ndarray, colour_cls, quiet: bool = False) -> list[dict]:
+              tiles: pd.DataFrame, cohorts: np.ndarray, colour_cls, quiet: bool = False, shifted=None) -> list[dict]:
     """Evaluate every (task, evaluation) cell on the loaded cache.
 
     Args:
         rows: for each cache row, its row in the label table the tasks were resolved on.
         tiles: the label table in cache row order (path, label, patient_id, site).
         cohorts: cohort per label-table row.
+        shifted: a :class:`jwth.eval.stain_shift.ShiftedTokens` holding every cache row, or
+            None; each cell then also carries its stain-shift curve.
 
     Returns:
         One dict per cell: task, evaluation, kind, setting, status (``ok`` / ``skipped``),
@@ -219,10 +221,10 @@ def run_cells(cache, cfg: BenchmarkConfig, tf: TaskFile, tasks: list[TaskLabels]
                     print(f"  {task.task.name} / {ev.name}: skipped ({e})")
                 continue
             po = run_probe(cache, cfg.probe, quiet=True, tiles=task_tiles, classes=task.classes, feats=feats,
-                           splits=splits, colour_cls=colour_cls)
+                           splits=splits, colour_cls=colour_cls, shifted=shifted)
             r = po.results
             rec.update(status="ok", **info, classes=task.classes,
-                       **{k: r[k] for k in ("heads", "baselines", "comparisons", "warnings") if k in r},
+                       **{k: r[k] for k in ("heads", "baselines", "comparisons", "warnings", "stain_shift") if k in r},
                        seconds=round(time.time() - t0, 2))
             for h in rec["heads"].values():
                 h.pop("folds", None)
@@ -238,7 +240,8 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
     """Run ``jwth benchmark`` end to end and write the run folder.
 
     Writes into ``cfg.out``: ``config.yaml``, ``results.json`` (schema in
-    docs/benchmark.md), ``results.md``, ``delta_heatmap.png`` and ``forest_<task>.png``.
+    docs/benchmark.md), ``results.md``, ``delta_heatmap.png`` and ``forest_<task>.png`` (and
+    ``stain_shift.png`` with ``probe.stain_shift``).
     The cache defaults to ``<out>/cache``; the colour baseline's to ``<cache>/baseline-colour``.
 
     Returns:
@@ -257,6 +260,11 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
 
     t_start = time.time()
     parse_heads(cfg.probe.heads)
+    if cfg.probe.stain_shift:
+        from jwth.eval.stain_shift import StainShift, parse_strengths
+
+        cfg.probe.stain_shift = parse_strengths(cfg.probe.stain_shift)
+        StainShift(0.0, cfg.probe.stain_shift_seed, cfg.probe.stain_shift_per)  # fail fast on a bad --stain-shift-per
     if cfg.level not in ("patient", "tile"):
         raise ValueError(f"--level {cfg.level!r}: choose patient or tile.")
     tf, table, tasks, cohorts = _prepare(cfg)
@@ -287,8 +295,22 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
         pos = {p: i for i, p in enumerate(table.df["path"])}
         rows = np.array([pos[p] for p in cache.tiles["path"]])
         tiles = table.df.iloc[rows].reset_index(drop=True)
+        shifted = None
+        if any(st > 0 for st in cfg.probe.stain_shift):
+            from jwth.eval.stain_shift import ShiftedTokens
+            from jwth.heads import token_input
+
+            t0 = time.time()
+            shifted = ShiftedTokens(
+                encoder, table, cache, cache_dir / "stain-shift", cfg.probe.stain_shift, cfg.probe.stain_shift_per,
+                cfg.probe.stain_shift_seed, {token_input(h) for h in cfg.probe.heads} - {None},
+                colour=colour is not None, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                precision=cfg.precision, quiet=quiet,
+            )
+            shifted.get(np.arange(cache.n_tiles), colour)  # every cell's test tiles, extracted once
+            timing["stain_shift_extract"] = round(time.time() - t0, 2)
         t0 = time.time()
-        cells = run_cells(cache, cfg, tf, tasks, rows, tiles, cohorts, colour, quiet)
+        cells = run_cells(cache, cfg, tf, tasks, rows, tiles, cohorts, colour, quiet, shifted)
         timing["cells"] = round(time.time() - t0, 2)
         res = {
             "dataset": table.root.name,

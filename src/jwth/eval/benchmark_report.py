@@ -107,6 +107,70 @@ def _task_lines(res: dict) -> list[str]:
     return lines
 
 
+def shift_tables(res: dict, level: str) -> str:
+    """Markdown stain-shift tables, one per head and baseline that ran on shifted tiles:
+    rows task / evaluation, columns strengths, cells balanced accuracy [CI] and the drop."""
+    ok = [c for c in res["cells"] if c.get("stain_shift")]
+    if not ok:
+        return ""
+    ss0 = ok[0]["stain_shift"]
+    strengths = ss0["strengths"]
+    de = ss0.get("delta_e", {})
+    out = [f"Heads trained on unshifted tiles; test tiles shifted per {ss0['per']} (seed {ss0['seed']}); "
+           "drop = paired bootstrap over patients of shifted minus unshifted balanced accuracy; "
+           f"mean ΔE (CIE76) of the shift: " + ", ".join(f"{s:g}: {de.get(f'{s:g}', {}).get('mean', float('nan')):.1f}"
+                                                      for s in strengths), ""]
+    for name in ok[0]["stain_shift"]["curves"]:
+        label = f"baseline: {BASELINE_LABELS.get(name, name)}" if name in BASELINE_LABELS else name
+        out += [f"### {label}", "", "| task / evaluation | " + " | ".join(f"strength {s:g}" for s in strengths) + " |",
+                "| --- |" + " --- |" * len(strengths)]
+        for c in ok:
+            rows = c["stain_shift"]["curves"].get(name)
+            if not rows:
+                continue
+            cells = []
+            for r in rows:
+                txt = value_ci(r[level], "bacc")
+                if r["strength"]:
+                    d = r["drop"][level]
+                    txt += f"<br>drop {d['diff']:+.3f} {_ci(d['ci'])}"
+                cells.append(txt)
+            out.append(f"| {c['task']} / {c['evaluation']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_shift(path: Path, res: dict, level: str = "patient") -> bool:
+    """One panel per task (its first evaluated cell): balanced accuracy against shift strength,
+    one line per head and baseline. Returns False when no cell has a stain-shift curve."""
+    first: dict = {}
+    for c in res["cells"]:
+        if c.get("stain_shift") and c["task"] not in first:
+            first[c["task"]] = c
+    if not first:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 3.6), squeeze=False, sharey=True)
+    for ax, (task, c) in zip(axes[0], first.items()):
+        for name, rows in c["stain_shift"]["curves"].items():
+            x = np.array([r["strength"] for r in rows])
+            m = np.array([r[level]["bacc"] for r in rows])
+            ci = np.array([r[level]["bacc_ci"] for r in rows], dtype=float)
+            err = np.nan_to_num(np.abs(np.vstack([m - ci[:, 0], ci[:, 1] - m])))
+            ax.errorbar(x, m, yerr=err, marker="o", capsize=3, label=name,
+                        linestyle="--" if name in BASELINE_LABELS else "-")
+        ax.axhline(1 / len(c["classes"]), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{task} / {c['evaluation']}", fontsize=9)
+        ax.set_xlabel("stain shift strength")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{level} balanced accuracy (95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def markdown(res: dict) -> str:
     """The whole results.md."""
     enc = res["encoder"]
@@ -128,6 +192,9 @@ def markdown(res: dict) -> str:
             out += [f"### {h}", "", head_table(res, h, lvl, reasons), ""]
         for comp in sorted({k for c in res["cells"] for k in c.get("comparisons", {})}):
             out += [f"### {comp} (paired bootstrap over patients, Δ balanced accuracy)", "", delta_table(res, comp, lvl), ""]
+    shift = shift_tables(res, level)
+    if shift:
+        out += [f"## Stain shift ({level} level)", "", shift]
     body = "\n".join(out)
     notes = [n for n in [footnotes(body)] if n]
     notes += reasons.lines()
@@ -243,6 +310,8 @@ def write_outputs(out: Path, res: dict) -> None:
     for task in res["tasks"]:
         plot_forest(out / forest_filename(task), res, task, level)
         figures.append(forest_filename(task))
+    if plot_shift(out / "stain_shift.png", res, level):
+        figures.append("stain_shift.png")
     res["figures"] = figures
     write_json(out / "results.json", res)
     (out / "results.md").write_text(markdown(res))

@@ -41,6 +41,9 @@ class ProbeConfig:
     n_boot: int = 1000
     positive_class: str | None = None
     baselines: list[str] = field(default_factory=lambda: ["majority", "colour", "tile-count"])
+    stain_shift: list[float] = field(default_factory=list)  # test-time shift strengths, [] = off
+    stain_shift_per: str = "tile"  # tile, patient or site: what shares one shift draw
+    stain_shift_seed: int = 0
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
 
     def to_dict(self) -> dict:
@@ -134,9 +137,31 @@ def make_splits(y: np.ndarray, patients: np.ndarray, sites: np.ndarray, cfg: Pro
     return out
 
 
+def _shift_curves(cfg: ProbeConfig, y, patients, splits, tested, oof, oof_shift, colour_shift, shift_feats) -> dict:
+    """The stain-shift curves of the heads (and of the colour baseline when it ran on shifted tiles)."""
+    from jwth.eval.stain_shift import shift_config, summarize_shift
+
+    base = {h: p[tested] for h, p in oof.items()}
+    shifted = {s: {h: p[tested] for h, p in per.items()} for s, per in oof_shift.items()}
+    if colour_shift:
+        # the colour baseline's probabilities come in the order of the concatenated test indices
+        order = np.concatenate([sp[1] for sp in splits])
+        pos = np.empty(int(order.max()) + 1, dtype=np.int64)
+        pos[order] = np.arange(len(order))
+        base["colour"] = colour_shift[0.0][pos[tested]]
+        for s, per in shifted.items():
+            per["colour"] = colour_shift[s][pos[tested]]
+    return summarize_shift(y[tested], patients[tested], base, shifted,
+                           {sf.strength: sf.delta_e for sf in shift_feats}, cfg.n_boot, cfg.train.seed,
+                           {"per": cfg.stain_shift_per, "seed": cfg.stain_shift_seed,
+                            "config": shift_config(1.0).to_dict()},
+                           {sf.strength: sf.token_shift for sf in shift_feats})
+
+
 def run_probe(
     cache: TokenCache, cfg: ProbeConfig, quiet: bool = False, tiles=None, classes=None,
     feats: Features | None = None, splits: list | None = None, colour_cls: np.ndarray | None = None,
+    shifted=None,
 ) -> ProbeOutput:
     """Run the protocol on a complete token cache.
 
@@ -145,7 +170,9 @@ def run_probe(
     stored with the cache. ``jwth benchmark`` passes features loaded once (``feats``)
     and its own ``splits`` (tile indices into the cache rows; tiles outside them may
     have no label). ``colour_cls`` (T, 72), the ``baseline:colour`` features of the
-    same rows, feeds the colour baseline (:mod:`jwth.eval.baselines`).
+    same rows, feeds the colour baseline (:mod:`jwth.eval.baselines`). ``shifted``, a
+    :class:`jwth.eval.stain_shift.ShiftedTokens`, adds the test-time stain-shift curve
+    (``results["stain_shift"]``): every trained head also predicts the shifted test tiles.
 
     Returns:
         :class:`ProbeOutput` with the results dict (schema in docs/results-schema.md),
@@ -177,6 +204,10 @@ def run_probe(
 
     splits = make_splits(y, patients, sites, cfg, classes) if splits is None else splits
     split_warnings = missing_training_classes(y, splits, classes)
+    shift_feats = []
+    if shifted is not None:
+        shift_feats = shifted.get(np.unique(np.concatenate([sp[1] for sp in splits])), colour_cls)
+    oof_shift = {sf.strength: {h: np.full((cache.n_tiles, len(classes)), np.nan) for h in heads} for sf in shift_feats}
 
     T, N = cache.n_tiles, int(cache.manifest.get("num_patches", 0))
     oof = {h: np.full((T, C), np.nan) for h in heads}
@@ -199,6 +230,8 @@ def run_probe(
                 train_seconds[h] += time.time() - t1
                 p, a = predict(model, feats, te, keep_attention=h in attn)
                 oof[h][te] = p
+                for sf in shift_feats:
+                    oof_shift[sf.strength][h][te] = predict(model, sf.feats, sf.index(te))[0]
                 if a is not None:
                     attn[h][te] = a
                 fm = classification_metrics(y[te], p)
@@ -240,10 +273,16 @@ def run_probe(
                 "tile": paired_bootstrap(yt, oof[h][tested], oof["linear"][tested], pt, "bacc", cfg.n_boot, seed),
                 "patient": paired_bootstrap(yp, pp_h, pp_lin, None, "bacc", cfg.n_boot, seed),
             }
+    colour_shift: dict = {}
     if cfg.baselines:
         from jwth.eval.baselines import run_baselines
 
-        results["baselines"] = run_baselines(cfg, y, patients, splits, classes, colour_cls, quiet=quiet)
+        shifted_colour = {sf.strength: sf.colour for sf in shift_feats if sf.colour is not None}
+        results["baselines"] = run_baselines(cfg, y, patients, splits, classes, colour_cls, quiet=quiet,
+                                             colour_shifted=shifted_colour, shift_out=colour_shift)
+    if shift_feats:
+        results["stain_shift"] = _shift_curves(cfg, y, patients, splits, tested, oof, oof_shift, colour_shift,
+                                               shift_feats)
     results["warnings"] = split_warnings
     results["classes"] = classes
     results["n_tiles"] = int(len(tested))

@@ -94,7 +94,12 @@ def write_markdown(path: Path, results: dict) -> None:
         f"split: {results['split']['kind']} ({results['split']['folds']} fold(s)); classes: "
         f"{', '.join(results['classes'])} (positive: {results.get('positive_class')}).\n\n"
     )
-    path.write_text(head + results_table(results) + "\n")
+    body = results_table(results)
+    if results.get("stain_shift"):
+        from jwth.eval.stain_shift import shift_table
+
+        body += "\n\n## Stain shift\n\n" + shift_table(results["stain_shift"]) + "\n\n![stain shift](stain_shift.png)"
+    path.write_text(head + body + "\n")
 
 
 def write_predictions(path: Path, tiles: pd.DataFrame, classes: list[str], oof: dict, test_mask: np.ndarray) -> None:

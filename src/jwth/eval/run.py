@@ -104,7 +104,9 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
 
     Writes into ``cfg.out``: ``config.yaml``, ``results.json``, ``results.md``,
     ``predictions.csv``, ``confusion.png``, ``roc.png``, ``attention.png`` (when an
-    attention head ran). The cache defaults to ``<out>/cache``.
+    attention head ran), and with ``probe.stain_shift`` ``stain_shift.png`` and
+    ``stain_shift_tiles.png``. The cache defaults to ``<out>/cache``; shifted tiles'
+    caches go to ``<cache>/stain-shift/``.
 
     Returns:
         The results dict (also in results.json).
@@ -114,6 +116,11 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         before anything is written to the run folder.
     """
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
+    if cfg.probe.stain_shift:
+        from jwth.eval.stain_shift import StainShift, parse_strengths
+
+        cfg.probe.stain_shift = parse_strengths(cfg.probe.stain_shift)
+        StainShift(0.0, cfg.probe.stain_shift_seed, cfg.probe.stain_shift_per)  # fail fast on a bad --stain-shift-per
     out = Path(cfg.out)
     table = load_table(cfg)
     pos = positive_index(table.classes, table.df, cfg.probe.positive_class)
@@ -145,7 +152,19 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         colour = None
         if "colour" in cfg.probe.baselines:
             colour = colour_features(table, cache, cache_dir / "baseline-colour", cfg.batch_size, cfg.num_workers, quiet)
-        po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes, colour_cls=colour)
+        shifted = None
+        if any(st > 0 for st in cfg.probe.stain_shift):
+            from jwth.eval.stain_shift import ShiftedTokens
+            from jwth.heads import token_input
+
+            shifted = ShiftedTokens(
+                encoder, table, cache, cache_dir / "stain-shift", cfg.probe.stain_shift, cfg.probe.stain_shift_per,
+                cfg.probe.stain_shift_seed, {token_input(h) for h in cfg.probe.heads} - {None},
+                colour=colour is not None, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                precision=cfg.precision, quiet=quiet,
+            )
+        po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes, colour_cls=colour,
+                       shifted=shifted)
         classes = po.results["classes"]
         res = {
             "dataset": table.root.name,
@@ -165,6 +184,12 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         pats = tiles["patient_id"].to_numpy()[m]
         report.plot_confusion(out / "confusion.png", y[m], oof_t, pats, classes)
         report.plot_roc(out / "roc.png", y[m], oof_t, pats, classes, pos)
+        if "stain_shift" in res:
+            from jwth.eval.stain_shift import plot_shift_curves, plot_shift_examples
+
+            plot_shift_curves(out / "stain_shift.png", {"": res["stain_shift"]}, chance=1 / len(classes))
+            plot_shift_examples(out / "stain_shift_tiles.png", table.root, tiles[m], res["stain_shift"]["strengths"],
+                                cfg.probe.stain_shift_per, cfg.probe.stain_shift_seed)
         for h in ("attention", "learned-query"):
             if h in po.attention:
                 report.plot_attention(

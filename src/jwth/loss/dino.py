@@ -164,15 +164,21 @@ class DINOLoss(PrototypeDistillation):
             ValueError: no valid pair.
         """
         n_global = len(teacher_probs) if n_global is None else n_global
+        n_t = len(teacher_probs)
+        # sum_t H(P_t, P_s) = -(sum_t P_t) . log P_s: one (B, K) product per student view
+        # instead of one per pair (the sum over teachers is formed once).
+        p_sum = torch.stack([p.float() for p in teacher_probs]).sum(0) if n_t else None
         total = student_scores[0].new_zeros((), dtype=torch.float32)
         n_pairs = 0
         for s_idx, g_s in enumerate(student_scores):
+            own = s_idx < n_global and s_idx < n_t  # a global view is not paired with its own teacher view
+            n = n_t - int(own)
+            if n == 0:
+                continue
+            target = p_sum - teacher_probs[s_idx].float() if own else p_sum
             log_p_s = F.log_softmax(g_s.float() / self.student_temp, dim=-1)
-            for t_idx, p_t in enumerate(teacher_probs):
-                if s_idx < n_global and s_idx == t_idx:
-                    continue
-                total = total - (p_t * log_p_s).sum(dim=-1).mean()
-                n_pairs += 1
+            total = total - (target * log_p_s).sum(dim=-1).mean()
+            n_pairs += n
         if n_pairs == 0:
             raise ValueError("DINOLoss needs at least one (teacher, student) pair of different views")
         return total / n_pairs
