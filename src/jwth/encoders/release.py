@@ -72,8 +72,9 @@ def _probe_lines(label: str, folder: Path) -> list[str]:
     from jwth.eval.report import results_table
 
     res = json.loads((Path(folder) / "results.json").read_text())
-    return [f"### {label}", "", f"{res.get('n_tiles')} tiles, {res.get('n_patients')} patients, split "
-            f"{res['split']['kind']} ({res['split']['folds']} fold(s)).", "", results_table(res), ""]
+    split = f"split {res['split']['kind']} ({res['split']['folds']} fold(s))"
+    return [f"### {label}", "", f"{res.get('n_tiles')} tiles, {res.get('n_patients')} patients, {split}.", "",
+            results_table(res), ""]
 
 
 def model_card(name: str, config: dict, ev: ReleaseEvidence) -> str:
