@@ -6,10 +6,18 @@
    the same crops (forward of the global + local crops, mean-of-class-token loss,
    backward, AdamW). Also the data pipeline alone (decode + multi-crop + stain).
 2. Stain augmentation per tile vs JPEG decoding of the same tile.
+3. With ``--phases``: the SSL step's wall time per phase (data, teacher, student
+   backbone, heads, losses, backward, gradient clipping, optimizer, EMA, bookkeeping;
+   medians over the timed steps, ``jwth.ssl.profile``), as milliseconds and shares.
 
 Usage:
-    python benchmarks/bench_pretrain.py [--data DIR] [--steps 6] [--out results.json]
+    python benchmarks/bench_pretrain.py [--data DIR] [--steps 6] [--phases] [--out results.json]
         [key=value ...]   # pretraining config overrides (default: ViT-Ti/16, 96/48 px crops)
+
+DINOv2's configuration (issue: SSL / bare <= 1.6 at 65,536 prototypes):
+    python benchmarks/bench_pretrain.py --phases model.arch=vit_small_patch16_224 \
+        crops.global_crops_size=224 crops.local_crops_size=96 crops.local_crops_number=8 \
+        dino.head_n_prototypes=65536 ibot.head_n_prototypes=65536
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ def main() -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--phases", action="store_true", help="time each phase of the SSL step")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
@@ -56,7 +65,7 @@ def main() -> None:
     from jwth.ssl.train import train
 
     data = _data_dir(a.data)
-    ov = DEFAULT + list(a.overrides)
+    ov = DEFAULT + list(a.overrides) + (["train.profile_phases=true"] if a.phases else [])
     bs = int(load_config(overrides=ov)["optim"]["batch_size"])
     ov += [f"data.max_tiles={bs * (a.steps + 1)}", "optim.epochs=1"]
     cfg = load_config(overrides=ov)
@@ -66,6 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg["optim"]["steps_per_epoch"] = a.steps + 1
         r = train(cfg, data, Path(tmp) / "run")
+        if a.phases:
+            res["phases"] = json.loads((Path(tmp) / "run" / "profile.json").read_text())
     ssl_tps = statistics.median(row["tiles_per_s"] for row in r.losses[1:])
     res["ssl_train_tiles_per_s"] = ssl_tps
 
@@ -119,6 +130,11 @@ def main() -> None:
     res["stain_over_decode_ratio"] = st / dec
     res["tile_px"] = list(x.shape[-2:])
     print(json.dumps(res, indent=2))
+    if a.phases:
+        print("\n| phase | ms per step (median) | share |\n| --- | --- | --- |")
+        for name, v in res["phases"]["phases"].items():
+            print(f"| {name} | {v['median_ms']:.1f} | {100 * v['share']:.1f} % |")
+        print(f"| step (sum) | {res['phases']['step_ms']:.1f} | |")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
 

@@ -156,3 +156,23 @@ def test_every_shipped_config_resolves():
     for f in files:
         cfg = load_config(f)
         assert cfg["optim"]["batch_size"] > 0 and cfg["model"]["arch"].startswith("vit_"), f
+
+
+def test_phase_timer_summary_medians_and_shares():
+    from jwth.ssl.profile import PhaseTimer
+
+    t = PhaseTimer(True)
+    for v in (9.0, 0.010, 0.030, 0.020):  # first step (warm-up) excluded: median 0.020
+        t.add("teacher", v)
+    for v in (9.0, 0.060, 0.060, 0.060):
+        t.add("backward", v)
+    s = t.summary()
+    assert s["phases"]["teacher"]["median_ms"] == pytest.approx(20.0)
+    assert s["phases"]["backward"]["share"] == pytest.approx(60 / 80)
+    assert s["step_ms"] == pytest.approx(80.0) and s["steps"] == 3
+    assert list(s["phases"]) == ["teacher", "backward"]  # step order
+    off = PhaseTimer(False)
+    with off.phase("teacher"):
+        pass
+    off.add("data", 1.0)
+    assert off.summary()["phases"] == {}

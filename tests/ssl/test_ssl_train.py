@@ -23,10 +23,18 @@ def _losses(run: Path) -> list[dict]:
 
 
 def test_resume_gives_the_same_trajectory(synthetic_tiles, tiny_overrides, tmp_path):
-    """4 steps in one go == 2 steps, 'killed', then resumed to 4 (same seed), incl. drop path."""
+    """4 steps in one go == 2 steps, 'killed', then resumed to 4 (same seed), incl. drop path.
+    The one-go run also times its phases: timing must not change the trajectory."""
     ov = tiny_overrides + ["optim.epochs=1", "model.drop_path_rate=0.2", "train.checkpoint_every=100"]
-    full = train(load_config(overrides=ov), synthetic_tiles, tmp_path / "full")
+    full = train(load_config(overrides=ov + ["train.profile_phases=true"]), synthetic_tiles, tmp_path / "full")
     assert full.steps_done == 4 and full.total_steps == 4
+    import json
+
+    from jwth.ssl.profile import PHASES
+
+    prof = json.loads((tmp_path / "full" / "profile.json").read_text())
+    assert list(prof["phases"]) == list(PHASES) and prof["steps"] == 3
+    assert sum(v["share"] for v in prof["phases"].values()) == pytest.approx(1.0, abs=1e-3)
     part = train(load_config(overrides=ov + ["train.max_steps=2"]), synthetic_tiles, tmp_path / "part")
     assert part.steps_done == 2
     _, meta = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")

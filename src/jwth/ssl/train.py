@@ -50,6 +50,7 @@ from jwth.ssl.distributed import DistInfo, all_reduce_grads, gather_with_grad, i
 from jwth.ssl.data import SSLTileDataset, StepBatchSampler, list_images, sample_seed
 from jwth.ssl.masking import sample_masks
 from jwth.ssl.model import SSLNetwork, backbone_forward, build_network, ema_update
+from jwth.ssl.profile import PhaseTimer
 from jwth.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
 from jwth.ssl.optim import param_groups
 from jwth.ssl.schedules import build_schedules, cosine_schedule, phase_steps, teacher_temp_schedule  # noqa: F401
@@ -332,12 +333,15 @@ def train(
     monitor(start, None)
     t_last = t_ckpt = time.perf_counter()
     prog = _progress(bool(tc.get("progress", True)) and di.is_main)
+    timer = PhaseTimer(bool(tc.get("profile_phases", False)), di.device)
     with prog, GracefulStop() as stopper:
         task = prog.add_task(phase, total=stop, completed=start, tps=0.0, loss=float("nan"))
         completed = start  # steps whose updates are fully applied
         touched = False  # True between the optimizer step and the EMA update
         try:
+            t_wait = time.perf_counter()
             for step, batch in zip(range(start, stop), loader):
+                timer.add("data", time.perf_counter() - t_wait)
                 for g in opt.param_groups:
                     g["lr"] = float(sched["lr"][step]) * g["lr_mult"] * (float(sched["last_layer"][step]) if g["is_last_layer"] else 1.0)
                     g["weight_decay"] = float(sched["wd"][step]) * g["wd_mult"]
@@ -352,7 +356,7 @@ def train(
                 n_l = xl.shape[1]
                 xl = xl.transpose(0, 1).reshape(n_l * bl, *xl.shape[2:])
                 with autocast(di.device, tc.get("precision", "auto")):
-                    with torch.no_grad():
+                    with torch.no_grad(), timer.phase("teacher"):
                         t_out = backbone_forward(teacher.backbone, xg)
                         t_cls_scores = teacher.dino_head(t_out.cls)
                         t_patch_scores = teacher.patch_head(t_out.patches[masks])
@@ -361,46 +365,54 @@ def train(
                         dino_loss.update_center(t_cls_scores)
                         if t_patch_scores.shape[0] or di.world_size > 1:
                             ibot_loss.update_center(t_patch_scores)
-                    s_g = backbone_forward(student.backbone, xg, masks, student.mask_token)
-                    cls_all = s_g.cls if n_l == 0 else torch.cat([s_g.cls, backbone_forward(student.backbone, xl).cls])
-                    s_masked = s_g.patches[masks]
-                    if student.ibot_head is None:
-                        sc = student.dino_head(torch.cat([cls_all, s_masked]))
-                        s_cls_scores, s_patch_scores = sc[: cls_all.shape[0]], sc[cls_all.shape[0] :]
-                    else:
-                        s_cls_scores, s_patch_scores = student.dino_head(cls_all), student.ibot_head(s_masked)
-                    l_dino = dino_loss(list(s_cls_scores.chunk(n_g + n_l)), list(p_dino.chunk(n_g)), n_global=n_g)
-                    l_ibot = ibot_loss(s_patch_scores, p_ibot, masks)
-                    l_koleo = sum(koleo(gather_with_grad(c)) for c in s_g.cls.chunk(n_g))
-                    loss = (
-                        cfg["dino"]["loss_weight"] * l_dino
-                        + cfg["ibot"]["loss_weight"] * l_ibot
-                        + cfg["dino"]["koleo_loss_weight"] * l_koleo
-                    )
-                    l_extra = None
-                    if extra_loss is not None:
-                        l_extra = extra_loss(step, {k: v.to(di.device) for k, v in batch.items()}, s_g.patches, teacher)
-                        loss = loss + l_extra
+                    with timer.phase("student_backbone"):
+                        s_g = backbone_forward(student.backbone, xg, masks, student.mask_token)
+                        cls_all = s_g.cls if n_l == 0 else torch.cat([s_g.cls, backbone_forward(student.backbone, xl).cls])
+                        s_masked = s_g.patches[masks]
+                    with timer.phase("heads"):
+                        if student.ibot_head is None:
+                            sc = student.dino_head(torch.cat([cls_all, s_masked]))
+                            s_cls_scores, s_patch_scores = sc[: cls_all.shape[0]], sc[cls_all.shape[0] :]
+                        else:
+                            s_cls_scores, s_patch_scores = student.dino_head(cls_all), student.ibot_head(s_masked)
+                    with timer.phase("losses"):
+                        l_dino = dino_loss(list(s_cls_scores.chunk(n_g + n_l)), list(p_dino.chunk(n_g)), n_global=n_g)
+                        l_ibot = ibot_loss(s_patch_scores, p_ibot, masks)
+                        l_koleo = sum(koleo(gather_with_grad(c)) for c in s_g.cls.chunk(n_g))
+                        loss = (
+                            cfg["dino"]["loss_weight"] * l_dino
+                            + cfg["ibot"]["loss_weight"] * l_ibot
+                            + cfg["dino"]["koleo_loss_weight"] * l_koleo
+                        )
+                        l_extra = None
+                        if extra_loss is not None:
+                            l_extra = extra_loss(step, {k: v.to(di.device) for k, v in batch.items()}, s_g.patches, teacher)
+                            loss = loss + l_extra
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}: dino {l_dino}, ibot {l_ibot}, koleo {l_koleo}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                all_reduce_grads(train_params, di.world_size)
+                with timer.phase("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    all_reduce_grads(train_params, di.world_size)
                 if sched["last_layer"][step] == 0:
                     for n, p in student.named_parameters():
                         if ".last_layer." in f".{n}":
                             p.grad = None
                 clip = cfg["optim"].get("clip_grad")
-                if clip:
-                    for mod in (student.backbone, student.dino_head, student.ibot_head):
-                        if mod is not None:
-                            ps = [p for p in mod.parameters() if p.grad is not None]
-                            if ps:
-                                torch.nn.utils.clip_grad_norm_(ps, float(clip))
+                with timer.phase("grad_clip"):
+                    if clip:
+                        for mod in (student.backbone, student.dino_head, student.ibot_head):
+                            if mod is not None:
+                                ps = [p for p in mod.parameters() if p.grad is not None]
+                                if ps:
+                                    torch.nn.utils.clip_grad_norm_(ps, float(clip))
                 touched = True
-                opt.step()
-                ema_update(t_params, s_params, float(sched["momentum"][step]))
+                with timer.phase("optimizer"):
+                    opt.step()
+                with timer.phase("ema"):
+                    ema_update(t_params, s_params, float(sched["momentum"][step]))
                 touched = False
+                t_book = time.perf_counter()
                 completed = step + 1
 
                 # logging
@@ -464,6 +476,8 @@ def train(
                 if due:
                     checkpoint(step + 1)
                     t_ckpt = time.perf_counter()
+                timer.add("bookkeeping", time.perf_counter() - t_book)
+                t_wait = time.perf_counter()
                 if stopped_by is not None:
                     if di.is_main:
                         log.warning("stopped at step %d/%d (%s); checkpoint written, run the same command to resume",
@@ -481,6 +495,8 @@ def train(
                             "command to resume", completed + 1, total, stopped_by, completed)  # fmt: skip
 
     done = completed
+    if timer.enabled and di.is_main:
+        (out / "profile.json").write_text(json.dumps(timer.summary(), indent=2))
     if mon_set is not None and (not mon_rows or mon_rows[-1]["step"] != done):
         monitor(done, last_entropy)
     enc_dir = None
