@@ -295,3 +295,11 @@ def test_token_displacement_against_hand_values():
     assert moved["relative"] == pytest.approx(5.0 / spread)
     # scale-free: the same geometry scaled by 10 gives the same number
     assert token_displacement(10 * base, 10 * (base + [0.0, 5.0]), seed=0)["relative"] == pytest.approx(moved["relative"])
+
+
+@pytest.mark.parametrize("rgb", [(255, 255, 255), (0, 0, 0), (250, 248, 252), (30, 200, 40)])
+def test_background_and_flat_tiles_shift_without_nan_and_glass_stays_white(rgb):
+    out = np.asarray(StainShift(3.0)(_tile(rgb), "glass")).astype(int)
+    assert out.min() >= 0 and out.max() <= 255
+    if min(rgb) >= 248:  # bright glass: the shift fades out (preserve_background)
+        assert np.abs(out - np.array(rgb)).max() <= 2
