@@ -20,9 +20,11 @@ TINY = "timm:vit_tiny_patch16_224?img_size=32"
 def test_parse_strengths():
     assert parse_strengths("1, 0.5,2") == [0.0, 0.5, 1.0, 2.0]  # sorted, 0 added
     assert parse_strengths("0,1,1") == [0.0, 1.0]
-    assert parse_strengths(None) == [] and parse_strengths("") == []
-    for bad in ("-1", "abc", "nan", "inf"):
-        with pytest.raises(ValueError, match="stain-shift"):
+    assert parse_strengths("-0,5") == [0.0, 5.0]
+    assert parse_strengths(None) == []  # option not given
+    for bad, msg in (("-1", "in \\[0, 5\\]"), ("abc", "not a number"), ("nan", "in \\[0"), ("inf", "in \\[0"),
+                     ("6", "saturation"), ("", "empty"), (",", "empty"), ("0", "above 0"), ("0,0", "above 0")):
+        with pytest.raises(ValueError, match=msg):
             parse_strengths(bad)
 
 
@@ -209,6 +211,12 @@ def test_probe_stain_shift_curve_end_to_end(real_mini, tmp_path):
     assert "extracted" not in r2.output
     assert json.loads((out / "results.json").read_text())["stain_shift"]["curves"]["linear"][2]["tile"]["bacc"] == \
         ss["curves"]["linear"][2]["tile"]["bacc"]
+    # the same folder without --stain-shift: no stale curves left beside results without them
+    r3 = CliRunner().invoke(app, ["probe", "--data", str(real_mini), "--encoder", TINY, "--out", str(out),
+                                  "--folds", "3", "--n-boot", "50", "--epochs", "2", "--num-workers", "0"])
+    assert r3.exit_code == 0, r3.output
+    assert not (out / "stain_shift.png").exists() and not (out / "stain_shift_tiles.png").exists()
+    assert "stain_shift" not in json.loads((out / "results.json").read_text())
 
 
 def test_site_split_shifts_only_the_test_sites(real_mini, tmp_path):
@@ -303,3 +311,94 @@ def test_background_and_flat_tiles_shift_without_nan_and_glass_stays_white(rgb):
     assert out.min() >= 0 and out.max() <= 255
     if min(rgb) >= 248:  # bright glass: the shift fades out (preserve_background)
         assert np.abs(out - np.array(rgb)).max() <= 2
+
+
+
+def test_per_patient_shift_cache_is_keyed_by_the_patients(synth, tmp_path):
+    """The same tiles with other patient IDs draw other shifts: the cache must not be reused."""
+    from jwth.cache import CacheMismatchError
+    from jwth.cache.extract import extract_tokens
+    from jwth.data.tiles import read_labels
+    from jwth.encoders import load_encoder
+
+    table = read_labels(synth)
+    enc = load_encoder(TINY)
+    shift = StainShift(1.0, per="patient")
+    extract_tokens(enc, table, tmp_path / "p", num_workers=0, quiet=True, image_shift=shift).close()
+    other = table.subset(np.ones(len(table), dtype=bool))
+    other.df["patient_id"] = other.df["patient_id"].astype(str) + "-x"
+    with pytest.raises(CacheMismatchError, match="image_shift"):
+        extract_tokens(enc, other, tmp_path / "p", num_workers=0, quiet=True, image_shift=shift)
+    # per tile, patient IDs do not matter: the cache is reused
+    extract_tokens(enc, table, tmp_path / "t", num_workers=0, quiet=True, image_shift=StainShift(1.0)).close()
+    extract_tokens(enc, other, tmp_path / "t", num_workers=0, quiet=True, image_shift=StainShift(1.0)).close()
+
+
+def test_empty_site_or_patient_keys_are_refused():
+    import pandas as pd
+
+    from jwth.eval.stain_shift import check_shift_keys
+
+    df = pd.DataFrame({"path": ["a", "b", "c"], "patient_id": ["p1", "p2", "p3"], "site": ["AA", "", "CM"]})
+    check_shift_keys(df, "tile")
+    check_shift_keys(df, "patient")
+    with pytest.raises(ValueError, match="1 of 3 tiles have no site.*--site-col"):
+        check_shift_keys(df, "site")
+    with pytest.raises(ValueError, match="tile, patient, site"):
+        check_shift_keys(df, "slide")
+
+
+def test_resumed_and_shifted_caches_keep_the_recorded_precision(synth, tmp_path):
+    from jwth.cache.extract import extract_tokens, recorded_precision
+    from jwth.data.tiles import read_labels
+    from jwth.encoders import load_encoder
+
+    table = read_labels(synth)
+    enc = load_encoder(TINY)
+    assert recorded_precision(tmp_path / "none") is None
+    extract_tokens(enc, table, tmp_path / "f", num_workers=0, quiet=True, precision="fp32").close()
+    extract_tokens(enc, table, tmp_path / "b", num_workers=0, quiet=True, precision="bf16").close()
+    assert recorded_precision(tmp_path / "f") == "fp32" and recorded_precision(tmp_path / "b") == "bf16"
+
+
+def test_a_rerun_records_newly_skipped_tiles(synth, tmp_path):
+    """A cache reused by a run that skips a bad tile must say so in its manifest."""
+    import pandas as pd
+
+    from jwth.cache.extract import extract_tokens
+    from jwth.data.tiles import read_labels
+    from jwth.encoders import load_encoder
+
+    enc = load_encoder(TINY)
+    extract_tokens(enc, read_labels(synth), tmp_path / "c", num_workers=0, quiet=True).close()
+    df = pd.read_csv(synth / "labels.csv")
+    (synth / "broken.png").write_bytes(b"not an image")
+    bad = df.iloc[:1].assign(path="broken.png")
+    pd.concat([df, bad]).to_csv(synth / "labels.csv", index=False)
+    c = extract_tokens(enc, read_labels(synth, check_files=False), tmp_path / "c", num_workers=0, quiet=True,
+                       skip_bad_tiles=True)
+    assert [s["path"] for s in c.manifest["tile_checks"]["skipped"]] == ["broken.png"]
+    c.close()
+
+
+def test_compare_figure_only_for_comparable_shifts(tmp_path):
+    from jwth.eval.stain_shift import plot_compared_shift
+
+    def run(name, strengths, per="tile", curve=True):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"strength": s, "tile": {"bacc": 0.5, "bacc_ci": [0.4, 0.6]}, "patient": {"bacc": 0.5, "bacc_ci": [0.4, 0.6]}}
+                for s in strengths]
+        ss = {"strengths": strengths, "per": per, "seed": 0, "delta_e": {}, "class_token_shift": {},
+              "curves": {"linear": rows}}
+        (d / "results.json").write_text(json.dumps({"classes": ["a", "b"], **({"stain_shift": ss} if curve else {})}))
+        return d
+
+    a, b = run("a", [0.0, 1.0]), run("b", [0.0, 1.0])
+    ok, msg = plot_compared_shift(tmp_path / "x.png", {"A": a, "B": b})
+    assert ok and (tmp_path / "x.png").is_file()
+    ok, msg = plot_compared_shift(tmp_path / "y.png", {"A": a, "B": run("c", [0.0, 2.0])})
+    assert not ok and "different shifts" in msg and not (tmp_path / "y.png").exists()
+    ok, msg = plot_compared_shift(tmp_path / "z.png", {"A": a, "B": run("d", [], curve=False)})
+    assert not ok and "B have no stain-shift curve" in msg
+    assert plot_compared_shift(tmp_path / "w.png", {"A": run("e", [], curve=False)}) == (False, "")

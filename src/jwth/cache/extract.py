@@ -28,6 +28,7 @@ def extract_tokens(
     on_batch: Callable[[int], None] | None = None,
     quiet: bool = False,
     image_shift=None,
+    tile_checks: dict | None = None,
 ) -> TokenCache:
     """Extract class, register and patch tokens of every tile into ``cache_dir``.
 
@@ -48,7 +49,13 @@ def extract_tokens(
         quiet: no progress bar.
         image_shift: a :class:`jwth.eval.stain_shift.StainShift` applied to each decoded
             tile before the encoder's transform (recorded in the cache identity, so a
-            shifted cache is never mistaken for an unshifted one), or None.
+            shifted cache is never mistaken for an unshifted one, nor for a shift keyed
+            by other patients or sites), or None.
+        tile_checks: the report of a decode check already made on exactly these tiles
+            (e.g. the unshifted cache's): the tiles are not decoded again up front.
+
+    With ``precision="auto"`` a partial cache is resumed at the autocast precision it was
+    started with (recorded in its manifest), so one cache never mixes bf16 and fp32 tokens.
 
     Returns:
         The :class:`TokenCache`, opened for reading.
@@ -59,9 +66,15 @@ def extract_tokens(
     """
     cache_dir = Path(cache_dir)
     device = next(encoder.parameters()).device
-    table, report = _checked_table(encoder, table, cache_dir, skip_bad_tiles, quiet)
-    identity = manifest_for(encoder, table.df["path"].tolist(), store_patches, image_shift)
+    if tile_checks is not None:
+        report = tile_checks
+    else:
+        table, report = _checked_table(encoder, table, cache_dir, skip_bad_tiles, quiet)
+    keys = table.df[image_shift.key_column()].astype(str).tolist() if image_shift is not None else None
+    identity = manifest_for(encoder, table.df["path"].tolist(), store_patches, image_shift, keys)
     h, w = encoder.grid_for(encoder.input_size, encoder.input_size)
+    if precision == "auto":  # a resumed cache keeps the precision it was started with
+        precision = recorded_precision(cache_dir, device) or precision
     dtype = resolve_precision(device, precision)  # type: ignore[arg-type]
     cache = TokenCache.create_or_resume(
         cache_dir,
@@ -79,9 +92,10 @@ def extract_tokens(
             "tile_checks": report,
         },
     )
+    if cache.manifest.get("tile_checks") != report:
+        _update_manifest(cache_dir, {"tile_checks": report})  # this run's checks, e.g. newly skipped tiles
     todo = np.flatnonzero(~cache.done_mask)
     if len(todo):
-        keys = table.df[image_shift.key_column()].astype(str).tolist() if image_shift is not None else None
         ds = TileDataset(table.root, table.df["path"].tolist(), encoder.transform, image_shift, keys)
         sub = torch.utils.data.Subset(ds, todo.tolist())
         loader = torch.utils.data.DataLoader(
@@ -116,6 +130,42 @@ def extract_tokens(
     else:
         cache.close()
     return TokenCache.open(cache_dir)
+
+
+_PRECISION_OF = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def recorded_precision(cache_dir: str | Path, device: torch.device | None = None) -> str | None:
+    """The autocast precision (``bf16`` / ``fp32`` / ``fp16``) a cache in ``cache_dir`` was
+    extracted with, or None (no cache, not recorded, or fp16 on a device without it)."""
+    import json
+
+    from jwth.cache.tokens import MANIFEST
+
+    try:
+        rec = json.loads((Path(cache_dir) / MANIFEST).read_text()).get("autocast")
+    except (OSError, ValueError):
+        return None
+    prec = _PRECISION_OF.get(str(rec))
+    if prec == "fp16" and (device is None or device.type != "cuda"):
+        return None
+    return prec
+
+
+def _update_manifest(cache_dir: Path, entries: dict) -> None:
+    """Replace non-identity manifest entries atomically (readers see the old or the new file)."""
+    import json
+    import os
+
+    from jwth.cache.tokens import IDENTITY_KEYS, MANIFEST
+
+    assert not set(entries) & set(IDENTITY_KEYS)
+    path = cache_dir / MANIFEST
+    m = json.loads(path.read_text())
+    m.update(entries)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(m, indent=2))
+    os.replace(tmp, path)
 
 
 def _checked_table(encoder, table: TileTable, cache_dir: Path, skip_bad: bool, quiet: bool):

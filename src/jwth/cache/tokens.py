@@ -48,9 +48,11 @@ def tiles_hash(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
 
 
-def manifest_for(encoder, paths: list[str], store_patches: bool = True, image_shift=None) -> dict:
+def manifest_for(encoder, paths: list[str], store_patches: bool = True, image_shift=None,
+                 shift_keys: list[str] | None = None) -> dict:
     """The identity part of a manifest for ``encoder`` over ``paths`` (and the stain shift
-    applied to the tiles, :class:`jwth.eval.stain_shift.StainShift`, if any)."""
+    applied to the tiles, :class:`jwth.eval.stain_shift.StainShift`, if any, with a hash of
+    the per-tile keys -- path, patient or site -- that seed its draws)."""
     ident = {
         "format": FORMAT_VERSION,
         "encoder_spec": encoder.spec,
@@ -61,7 +63,7 @@ def manifest_for(encoder, paths: list[str], store_patches: bool = True, image_sh
         "store_patches": bool(store_patches),
     }
     if image_shift is not None:
-        ident["image_shift"] = image_shift.describe()
+        ident["image_shift"] = {**image_shift.describe(), "keys_hash": tiles_hash(list(shift_keys or paths))}
     return ident
 
 

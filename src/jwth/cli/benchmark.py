@@ -77,6 +77,11 @@ def benchmark(
         typer.echo(f"\n{h} ({res['level']} level):\n" + head_table(res, h, res["level"], reasons).replace("<br>", " · "))
     for line in reasons.lines():
         typer.echo(line)
+    from jwth.eval.benchmark_report import shift_tables
+
+    shift = shift_tables(res, res["level"])
+    if shift:
+        typer.echo(f"\nstain shift ({res['level']} level):\n" + shift.replace("<br>", " · "))
     skipped = sum(c["status"] != "ok" for c in res["cells"])
     typer.echo(f"\n{len(res['cells']) - skipped} cells evaluated, {skipped} skipped; run folder: {out} "
                f"(results.md, results.json, {', '.join(res['figures'])})")

@@ -46,7 +46,8 @@ STAIN_SHIFT_OPT = typer.Option(
     "balanced accuracy curve with CIs and drops (stain_shift.png).")
 STAIN_SHIFT_PER_OPT = typer.Option(
     "tile", help="What shares one stain-shift draw: tile, patient, or site (one colour change per centre).")
-STAIN_SHIFT_SEED_OPT = typer.Option(0, help="Seed of the stain-shift draws (the same per tile for every encoder).")
+STAIN_SHIFT_SEED_OPT = typer.Option(
+    0, help="Seed of the stain-shift draws: each tile (patient, site) keeps its draw across encoders and reruns.")
 
 
 def _csv(s: Optional[str]) -> list[str]:
@@ -184,6 +185,10 @@ def probe(
         _probe(data, encoder or DEFAULT_ENCODER, out, heads, split, folds, test_sites, cache, labels, path_col,
                label_col, patient_col, site_col, positive, epochs, n_boot, seed, batch_size, num_workers,
                device, precision, skip_bad_tiles, stain_shift, stain_shift_per, stain_shift_seed)
+    except KeyboardInterrupt:
+        typer.secho(f"\ninterrupted: finished tiles are saved in the token cache ({cache or out / 'cache'}); "
+                    "rerun the same command to resume.", err=True)
+        raise typer.Exit(code=130)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
 
@@ -220,7 +225,7 @@ def compare(
     n_boot: int = typer.Option(1000, help="Bootstrap resamples."),
     seed: int = typer.Option(0, help="Resampling seed."),
     out: Path = typer.Option(None, "--out", help="Write compare.json and compare.md here (and stain_shift.png "
-                             "when both runs have a stain-shift curve)."),
+                             "when both runs have stain-shift curves made with the same --stain-shift options)."),
 ) -> None:
     """Paired patient-level bootstrap of run A minus run B, per head (same tiles, same labels)."""
     from jwth.eval.compare import compare_runs, comparison_table
@@ -237,10 +242,12 @@ def compare(
         write_json(out / "compare.json", cmp)
         (out / "compare.md").write_text(table + "\n")
         typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
-        from jwth.eval.stain_shift import plot_compared_shift
+        from jwth.eval.stain_shift import plot_compared_shift, remove_stale_figures
 
-        if plot_compared_shift(out / "stain_shift.png", {"A": run_a, "B": run_b}):
-            typer.echo(f"wrote {out / 'stain_shift.png'} (both runs' stain-shift curves)")
+        remove_stale_figures(out)
+        _, msg = plot_compared_shift(out / "stain_shift.png", {"A": run_a, "B": run_b})
+        if msg:
+            typer.echo(msg)
 
 
 @app.command()

@@ -260,14 +260,14 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
 
     t_start = time.time()
     parse_heads(cfg.probe.heads)
-    if cfg.probe.stain_shift:
-        from jwth.eval.stain_shift import StainShift, parse_strengths
+    from jwth.eval.stain_shift import check_shift_keys, check_shift_options, remove_stale_figures
 
-        cfg.probe.stain_shift = parse_strengths(cfg.probe.stain_shift)
-        StainShift(0.0, cfg.probe.stain_shift_seed, cfg.probe.stain_shift_per)  # fail fast on a bad --stain-shift-per
+    check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
     if cfg.level not in ("patient", "tile"):
         raise ValueError(f"--level {cfg.level!r}: choose patient or tile.")
     tf, table, tasks, cohorts = _prepare(cfg)
+    if cfg.probe.stain_shift:
+        check_shift_keys(table.df, cfg.probe.stain_shift_per)
     device = resolve_device(cfg.device)
     encoder = load_encoder(cfg.encoder, device=device)
     if encoder.random_init and not quiet:
@@ -296,7 +296,9 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
         rows = np.array([pos[p] for p in cache.tiles["path"]])
         tiles = table.df.iloc[rows].reset_index(drop=True)
         shifted = None
-        if any(st > 0 for st in cfg.probe.stain_shift):
+        if not cfg.probe.stain_shift:
+            remove_stale_figures(out)
+        else:
             from jwth.eval.stain_shift import ShiftedTokens
             from jwth.heads import token_input
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jwth.eval.report import BASELINE_LABELS, _ci, _plt, footnotes, value_ci, write_json
+from jwth.eval.stain_shift import strength_key
 
 
 def _cells(res: dict) -> dict:
@@ -115,11 +116,16 @@ def shift_tables(res: dict, level: str) -> str:
         return ""
     ss0 = ok[0]["stain_shift"]
     strengths = ss0["strengths"]
-    de = ss0.get("delta_e", {})
+    de, moved = ss0.get("delta_e", {}), ss0.get("class_token_shift", {})
     out = [f"Heads trained on unshifted tiles; test tiles shifted per {ss0['per']} (seed {ss0['seed']}); "
-           "drop = paired bootstrap over patients of shifted minus unshifted balanced accuracy; "
-           f"mean ΔE (CIE76) of the shift: " + ", ".join(f"{s:g}: {de.get(f'{s:g}', {}).get('mean', float('nan')):.1f}"
-                                                      for s in strengths), ""]
+           "drop = paired bootstrap over patients of shifted minus unshifted balanced accuracy "
+           "(docs/stain-shift.md).", "",
+           "| strength | " + " | ".join(f"{s:g}" for s in strengths) + " |", "| --- |" + " --- |" * len(strengths),
+           "| mean ΔE (CIE76) | " + " | ".join(f"{de.get(strength_key(s), {}).get('mean', float('nan')):.1f}"
+                                             for s in strengths) + " |",
+           "| class-token displacement / inter-tile distance | "
+           + " | ".join(f"{moved.get(strength_key(s), {}).get('relative', float('nan')):.3f}" for s in strengths) + " |",
+           ""]
     for name in ok[0]["stain_shift"]["curves"]:
         label = f"baseline: {BASELINE_LABELS.get(name, name)}" if name in BASELINE_LABELS else name
         out += [f"### {label}", "", "| task / evaluation | " + " | ".join(f"strength {s:g}" for s in strengths) + " |",
@@ -194,7 +200,8 @@ def markdown(res: dict) -> str:
             out += [f"### {comp} (paired bootstrap over patients, Δ balanced accuracy)", "", delta_table(res, comp, lvl), ""]
     shift = shift_tables(res, level)
     if shift:
-        out += [f"## Stain shift ({level} level)", "", shift]
+        out += [f"## Stain shift ({level} level)", "", shift,
+                "stain_shift.png: the first evaluation of each task.", ""]
     body = "\n".join(out)
     notes = [n for n in [footnotes(body)] if n]
     notes += reasons.lines()

@@ -116,13 +116,15 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         before anything is written to the run folder.
     """
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
-    if cfg.probe.stain_shift:
-        from jwth.eval.stain_shift import StainShift, parse_strengths
+    from jwth.eval.stain_shift import check_shift_options
 
-        cfg.probe.stain_shift = parse_strengths(cfg.probe.stain_shift)
-        StainShift(0.0, cfg.probe.stain_shift_seed, cfg.probe.stain_shift_per)  # fail fast on a bad --stain-shift-per
+    check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
     out = Path(cfg.out)
     table = load_table(cfg)
+    if cfg.probe.stain_shift:
+        from jwth.eval.stain_shift import check_shift_keys
+
+        check_shift_keys(table.df, cfg.probe.stain_shift_per)
     pos = positive_index(table.classes, table.df, cfg.probe.positive_class)
     if not quiet:
         print(f"{table.label_file}: " + describe_classes(table.df["label"], table.df["patient_id"], table.classes)
@@ -153,7 +155,11 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         if "colour" in cfg.probe.baselines:
             colour = colour_features(table, cache, cache_dir / "baseline-colour", cfg.batch_size, cfg.num_workers, quiet)
         shifted = None
-        if any(st > 0 for st in cfg.probe.stain_shift):
+        if not cfg.probe.stain_shift:
+            from jwth.eval.stain_shift import remove_stale_figures
+
+            remove_stale_figures(out)
+        else:
             from jwth.eval.stain_shift import ShiftedTokens
             from jwth.heads import token_input
 
@@ -165,6 +171,8 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
             )
         po = run_probe(cache, cfg.probe, quiet=quiet, tiles=tiles, classes=table.classes, colour_cls=colour,
                        shifted=shifted)
+        if shifted is not None:
+            po.results["timing_seconds"]["stain_shift_extract"] = round(shifted.extract_seconds, 2)
         classes = po.results["classes"]
         res = {
             "dataset": table.root.name,

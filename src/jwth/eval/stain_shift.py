@@ -41,27 +41,90 @@ PER_CHOICES = ("tile", "patient", "site")
 _KEY_COLUMN = {"tile": "path", "patient": "patient_id", "site": "site"}
 
 
+#: largest strength accepted: up to 5 every multiplicative factor of :func:`shift_config`
+#: stays positive (saturation 1 +- 0.15 s is the first to cross 0, at s = 6.7) and a tile
+#: moves in the same direction at every strength; beyond it "twice as far" no longer holds.
+MAX_STRENGTH = 5.0
+
+
+def strength_key(s: float) -> str:
+    """The text form of a strength used in folder names and results.json keys (``"0.5"``, ``"1"``)."""
+    return format(float(s), ".12g")
+
+
 def parse_strengths(value: str | Sequence[float] | None) -> list[float]:
     """Strengths from ``"0,0.5,1,2"`` (or a list): sorted, unique, 0 first (added when missing).
 
-    Returns ``[]`` for None / empty (no stain shift evaluation).
+    Returns ``[]`` for None (the option was not given: no stain-shift evaluation).
 
     Raises:
-        ValueError: a value that is not a finite number >= 0, naming it.
+        ValueError: an empty list, a value that is not a finite number in
+            [0, :data:`MAX_STRENGTH`] (named), or no strength above 0.
     """
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None:
         return []
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError("--stain-shift is empty; give strengths such as 0,0.5,1,2 (or leave the option out).")
     out = set()
     for v in items:
         try:
             f = float(v)
         except (TypeError, ValueError):
             raise ValueError(f"--stain-shift: {v!r} is not a number; give strengths such as 0,0.5,1,2.") from None
-        if not math.isfinite(f) or f < 0:
-            raise ValueError(f"--stain-shift: strength {v!r} must be a finite number >= 0 (0 = unshifted).")
-        out.add(f)
+        if not math.isfinite(f) or f < 0 or f > MAX_STRENGTH:
+            raise ValueError(f"--stain-shift: strength {v!r} must be a number in [0, {MAX_STRENGTH:g}] (0 = unshifted; "
+                             f"above {MAX_STRENGTH:g} the saturation factor turns negative and the shift is no longer "
+                             "a stronger version of the same change).")
+        out.add(abs(f))  # -0.0 -> 0.0
+    if max(out) == 0:
+        raise ValueError("--stain-shift needs at least one strength above 0 (strength 0 is the unshifted evaluation).")
     return sorted(out | {0.0})
+
+
+def check_shift_keys(df, per: str) -> None:
+    """Refuse a per-patient / per-site shift when tiles have no patient / site.
+
+    Args:
+        df: tile table with ``path``, ``patient_id`` and ``site`` columns.
+
+    Raises:
+        ValueError: ``per`` is unknown, or some tiles have an empty key (they would all
+            share one draw), naming the count and the option that fixes it.
+    """
+    if per not in PER_CHOICES:
+        raise ValueError(f"--stain-shift-per {per!r}: choose one of {', '.join(PER_CHOICES)}.")
+    col = _KEY_COLUMN[per]
+    keys = df[col].astype(str).str.strip()
+    empty = int((keys == "").sum() + df[col].isna().sum())
+    if empty:
+        fix = "--site-col" if per == "site" else "--patient-col"
+        raise ValueError(f"--stain-shift-per {per}: {empty} of {len(df)} tiles have no {col} and would share one "
+                         f"colour change; name the column with {fix}, or use --stain-shift-per tile.")
+
+
+def check_shift_options(cfg) -> None:
+    """Validate the stain-shift fields of a :class:`jwth.eval.probe.ProbeConfig` (normalising
+    ``cfg.stain_shift`` with :func:`parse_strengths`), whether or not a shift is asked for.
+
+    Raises:
+        ValueError: bad strengths or an unknown ``stain_shift_per``.
+    """
+    if cfg.stain_shift_per not in PER_CHOICES:
+        raise ValueError(f"--stain-shift-per {cfg.stain_shift_per!r}: choose one of {', '.join(PER_CHOICES)}.")
+    if cfg.stain_shift:
+        cfg.stain_shift = parse_strengths(cfg.stain_shift)
+
+
+#: the figures of a stain-shift evaluation (removed when a run folder is reused without one)
+FIGURES = ("stain_shift.png", "stain_shift_tiles.png")
+
+
+def remove_stale_figures(out: Path) -> None:
+    """Delete stain-shift figures left in ``out`` by an earlier run with ``--stain-shift``,
+    so a folder never shows curves its results.json does not hold."""
+    for f in FIGURES:
+        (Path(out) / f).unlink(missing_ok=True)
 
 
 def shift_config(strength: float) -> StainAugmentConfig:
@@ -90,8 +153,8 @@ class StainShift:
     def __post_init__(self) -> None:
         if self.per not in PER_CHOICES:
             raise ValueError(f"--stain-shift-per {self.per!r}: choose one of {', '.join(PER_CHOICES)}.")
-        if not math.isfinite(self.strength) or self.strength < 0:
-            raise ValueError(f"stain shift strength {self.strength!r} must be a finite number >= 0.")
+        if not math.isfinite(self.strength) or not 0 <= self.strength <= MAX_STRENGTH:
+            raise ValueError(f"stain shift strength {self.strength!r} must be a number in [0, {MAX_STRENGTH:g}].")
 
     def key_column(self) -> str:
         """The tile-table column whose value keys the draw (path, patient_id or site)."""
@@ -162,7 +225,7 @@ def token_displacement(base: np.ndarray, shifted: np.ndarray, seed: int = 0) -> 
     """How far the shift moves each tile's embedding, relative to how far apart tiles are.
 
     A label-free measure of stain invariance: ``relative`` = mean_i ||z'_i - z_i|| /
-    mean_i ||z_i - z_pi(i)|| with pi a fixed random derangement of the tiles (0: the
+    mean_i ||z_i - z_pi(i)|| with pi a fixed random pairing of each tile with another one (0: the
     encoder ignores the shift; 1: the shift moves a tile as far as a typical other tile
     is). Scale-free, so encoders of any width compare. Also the mean cosine similarity
     of z'_i and z_i.
@@ -245,7 +308,7 @@ class ShiftedTokens:
         self.batch_size, self.num_workers, self.precision, self.quiet = batch_size, num_workers, precision, quiet
         StainShift(1.0, seed, per)  # validates per
         self._loaded: tuple[frozenset, list[ShiftedFeatures]] | None = None
-        self._colour_base: np.ndarray | None = None
+        self.extract_seconds = 0.0  # wall time spent extracting and loading shifted tokens
 
     def get(self, rows: np.ndarray, colour_base: np.ndarray | None = None) -> list[ShiftedFeatures]:
         """Shifted features covering unshifted-cache ``rows`` (extracted on first need).
@@ -254,10 +317,14 @@ class ShiftedTokens:
             rows: rows of the unshifted cache to shift (the test tiles).
             colour_base: (T, 72) unshifted colour features, the fill for unshifted rows.
         """
+        import time
+
         need = frozenset(int(r) for r in np.asarray(rows))
         if self._loaded is not None and need <= self._loaded[0]:
             return self._loaded[1]
+        t0 = time.time()
         out = [self._load(s, np.array(sorted(need)), colour_base) for s in self.strengths]
+        self.extract_seconds += time.time() - t0
         self._loaded = (need, out)
         return out
 
@@ -269,12 +336,15 @@ class ShiftedTokens:
         paths = self.cache.tiles["path"].to_numpy()[rows]
         sub = self.table.subset(self.table.df["path"].isin(set(paths)).to_numpy())
         shift = StainShift(strength, self.seed, self.per)
-        tag = f"s{strength:g}-{self.per}-seed{self.seed}-{tiles_hash(sub.df['path'].tolist())[:8]}"
+        keys = sub.df[shift.key_column()].astype(str).tolist()
+        ident = tiles_hash(sub.df["path"].tolist() + ["\0"] + keys)[:8]
+        tag = f"s{strength_key(strength)}-{self.per}-seed{self.seed}-{ident}"
         if not self.quiet:
             print(f"stain shift {strength:g} (per {self.per}): {len(sub)} test tiles")
         shifted = extract_tokens(self.encoder, sub, self.root / tag, batch_size=self.batch_size,
-                                 num_workers=self.num_workers, precision=self.precision,
-                                 store_patches=bool(self.kinds), quiet=self.quiet, image_shift=shift)
+                                 num_workers=self.num_workers, precision=self._precision(),
+                                 store_patches=bool(self.kinds), quiet=self.quiet, image_shift=shift,
+                                 tile_checks=self.cache.manifest.get("tile_checks", {}))
         try:
             feats = load_features(shifted, self.kinds)
             pos = {p: i for i, p in enumerate(shifted.tiles["path"])}
@@ -284,11 +354,19 @@ class ShiftedTokens:
         colour = None
         if self.colour and colour_base is not None:
             colour = self._colour(sub, shift, tag, colour_base)
-        keys = sub.df[shift.key_column()].astype(str).tolist()
         de = measure_delta_e(sub.root, sub.df["path"].tolist(), keys, shift)
         have = np.flatnonzero(row_of >= 0)
         moved = token_displacement(self.cache.read_cls(have), feats.cls[torch.as_tensor(row_of[have])].numpy())
         return ShiftedFeatures(strength, feats, row_of, colour, de, moved)
+
+    def _precision(self) -> str:
+        """The unshifted cache's autocast precision when ours is ``auto``: shifted and
+        unshifted tokens of one curve are never computed at different precisions."""
+        from jwth.cache.extract import recorded_precision
+
+        if self.precision != "auto":
+            return self.precision
+        return recorded_precision(self.cache.folder, next(self.encoder.parameters()).device) or "auto"
 
     def _colour(self, sub, shift: StainShift, tag: str, colour_base: np.ndarray) -> np.ndarray:
         from jwth.cache.extract import extract_tokens
@@ -297,7 +375,7 @@ class ShiftedTokens:
 
         c = extract_tokens(load_encoder(COLOUR_SPEC), sub, self.root / f"{tag}-colour", batch_size=max(self.batch_size, 64),
                            num_workers=self.num_workers, precision="fp32", store_patches=False, quiet=self.quiet,
-                           image_shift=shift)
+                           image_shift=shift, tile_checks=self.cache.manifest.get("tile_checks", {}))
         try:
             out = np.array(colour_base, dtype=np.float32, copy=True)
             pos = {p: i for i, p in enumerate(self.cache.tiles["path"])}
@@ -321,10 +399,12 @@ def summarize_shift(y: np.ndarray, patients: np.ndarray, base: dict, shifted: di
         token_shift: ``{strength: token_displacement(...)}`` of the class tokens.
 
     Returns:
-        ``{"strengths", "per", "seed", "config", "delta_e", "curves": {name: [{"strength",
-        "tile": summary, "patient": summary, "drop": {"tile": paired, "patient": paired}}]}}``
-        where summaries are as in :func:`jwth.eval.probe.summarize` and ``drop`` is the
-        paired bootstrap of shifted minus unshifted balanced accuracy (0 at strength 0).
+        ``{"strengths", "per", "seed", "config", "delta_e", "class_token_shift", "curves":
+        {name: [{"strength", "tile": summary, "patient": summary, "drop": {"tile": paired,
+        "patient": paired}}]}}`` where summaries are as in :func:`jwth.eval.probe.summarize`,
+        ``drop`` is the paired bootstrap of shifted minus unshifted balanced accuracy (0 at
+        strength 0; its ``p_le_0`` is the share of resamples where the shift did not raise
+        it), and ``delta_e`` / ``class_token_shift`` are keyed by :func:`strength_key`.
     """
     from jwth.eval.metrics import aggregate_by_patient, paired_bootstrap
     from jwth.eval.probe import summarize
@@ -346,9 +426,11 @@ def summarize_shift(y: np.ndarray, patients: np.ndarray, base: dict, shifted: di
             })
         curves[name] = rows
     token_shift = token_shift or {}
+    n = len(y)
     return {"strengths": strengths, **shift_info,
-            "delta_e": {f"{s:g}": delta_e.get(s, {"mean": 0.0, "p95": 0.0}) for s in strengths},
-            "class_token_shift": {f"{s:g}": token_shift.get(s, {"relative": 0.0, "cosine": 1.0}) for s in strengths},
+            "delta_e": {strength_key(s): delta_e.get(s, {"mean": 0.0, "p95": 0.0, "n_tiles": 0}) for s in strengths},
+            "class_token_shift": {strength_key(s): token_shift.get(s, {"relative": 0.0, "cosine": 1.0, "n": n})
+                                  for s in strengths},
             "curves": curves}
 
 
@@ -364,9 +446,9 @@ def shift_table(ss: dict) -> str:
         "",
         "| strength | mean ΔE (CIE76) | class-token displacement / inter-tile distance | class-token cosine |",
         "| --- | --- | --- | --- |",
-        *[f"| {s:g} | {de.get(f'{s:g}', {}).get('mean', float('nan')):.1f} | "
-          f"{moved.get(f'{s:g}', {}).get('relative', float('nan')):.3f} | "
-          f"{moved.get(f'{s:g}', {}).get('cosine', float('nan')):.3f} |" for s in ss["strengths"]],
+        *[f"| {s:g} | {de.get(strength_key(s), {}).get('mean', float('nan')):.1f} | "
+          f"{moved.get(strength_key(s), {}).get('relative', float('nan')):.3f} | "
+          f"{moved.get(strength_key(s), {}).get('cosine', float('nan')):.3f} |" for s in ss["strengths"]],
         "",
         "| head | strength | mean ΔE | tile BACC [95% CI] | drop | patient BACC [95% CI] | drop |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -374,7 +456,7 @@ def shift_table(ss: dict) -> str:
     for name, rows in ss["curves"].items():
         label = f"baseline: {BASELINE_LABELS.get(name, name)}" if name in BASELINE_LABELS else name
         for r in rows:
-            d = de.get(f"{r['strength']:g}", {}).get("mean", float("nan"))
+            d = de.get(strength_key(r["strength"]), {}).get("mean", float("nan"))
             drops = [f"{r['drop'][lv]['diff']:+.3f} {_ci(r['drop'][lv]['ci'])}" if r["strength"] else "—"
                      for lv in ("tile", "patient")]
             lines.append(f"| {label} | {r['strength']:g} | {d:.1f} | {value_ci(r['tile'], 'bacc')} | {drops[0]} | "
@@ -421,7 +503,7 @@ def plot_shift_curves(path: Path, curves: dict[str, dict], chance: float | None 
     for i, (run, ss) in enumerate(curves.items()):
         moved = ss.get("class_token_shift", {})
         x = [s for s in ss["strengths"]]
-        y = [moved.get(f"{s:g}", {}).get("relative", np.nan) for s in x]
+        y = [moved.get(strength_key(s), {}).get("relative", np.nan) for s in x]
         axes[2].plot(x, y, marker=markers[i % len(markers)], label=run or "encoder", color="k" if len(curves) == 1 else f"C{i}")
     axes[2].set_title("class-token displacement")
     axes[2].set_ylabel("mean ||z' - z|| / mean inter-tile distance")
@@ -434,7 +516,7 @@ def plot_shift_curves(path: Path, curves: dict[str, dict], chance: float | None 
     ticks = list(first["strengths"])
     for ax in axes:
         ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{s:g}\nΔE {de.get(f'{s:g}', {}).get('mean', float('nan')):.0f}" for s in ticks])
+        ax.set_xticklabels([f"{s:g}\nΔE {de.get(strength_key(s), {}).get('mean', float('nan')):.0f}" for s in ticks])
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"stain shift per {first['per']}: heads trained on unshifted tiles, test tiles shifted", fontsize=10)
@@ -443,31 +525,43 @@ def plot_shift_curves(path: Path, curves: dict[str, dict], chance: float | None 
     plt.close(fig)
 
 
-def plot_compared_shift(path: Path, runs: dict[str, Path]) -> bool:
+def plot_compared_shift(path: Path, runs: dict[str, Path]) -> tuple[bool, str]:
     """Overlay the stain-shift curves of several probe runs (one line per run and head).
 
+    Only runs whose shifts are the same (strengths, per, seed) are comparable: then the
+    figure is written.
+
     Args:
-        runs: ``{label: run folder}``; runs without a curve in results.json are left out.
+        runs: ``{label: run folder}``.
 
     Returns:
-        True when at least one run had a curve and the figure was written.
+        (written, message): the message says what was drawn or why nothing was (empty when
+        no run has a curve).
     """
     import json
 
-    curves, chance = {}, None
+    curves, chance, missing = {}, None, []
     for label, run in runs.items():
         try:
             res = json.loads((Path(run) / "results.json").read_text())
         except (OSError, ValueError):
+            res = {}
+        if not res.get("stain_shift"):
+            missing.append(label)
             continue
-        if res.get("stain_shift"):
-            spec = (res.get("encoder") or {}).get("spec", "")
-            curves[f"{label} {spec}".strip()] = res["stain_shift"]
-            chance = 1 / len(res["classes"]) if res.get("classes") else chance
+        spec = (res.get("encoder") or {}).get("spec", "")
+        curves[f"{label} {spec}".strip()] = res["stain_shift"]
+        chance = 1 / len(res["classes"]) if res.get("classes") else chance
     if not curves:
-        return False
+        return False, ""
+    if missing:
+        return False, f"no stain-shift figure: run(s) {', '.join(missing)} have no stain-shift curve"
+    settings = {(tuple(c["strengths"]), c["per"], c["seed"]) for c in curves.values()}
+    if len(settings) > 1:
+        desc = "; ".join(f"{k}: strengths {list(c['strengths'])}, per {c['per']}, seed {c['seed']}" for k, c in curves.items())
+        return False, f"no stain-shift figure: the runs used different shifts ({desc}); rerun with the same --stain-shift options"
     plot_shift_curves(path, curves, chance)
-    return True
+    return True, f"wrote {path} (the runs' stain-shift curves)"
 
 
 def plot_shift_examples(path: Path, root: Path, tiles, strengths: Sequence[float], per: str = "tile",
