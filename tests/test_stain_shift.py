@@ -109,7 +109,7 @@ def test_colour_difference_grows_with_strength(root):
             vals.append(delta_e(np.asarray(img), np.asarray(StainShift(s)(img, p))).mean())
         means.append(float(np.mean(vals)))
     assert 0 < means[0] < means[1] < means[2], means
-    assert means[1] > 2.0  # strength 1 is a visible change (ΔE > 2 is noticeable)
+    assert means[1] > 2.3  # strength 1 is a visible change (CIE76 ΔE of about 2.3 is just noticeable)
 
 
 def test_site_shift_shares_one_draw_per_site(synth):
