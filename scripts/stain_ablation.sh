@@ -6,7 +6,8 @@
 #   JWTH_DATA_ROOT=/path/to/data bash scripts/stain_ablation.sh [STEPS] [OUT_ROOT]
 #
 # OUT_ROOT (default ~/jwth-runs/stain_ablation) gets with_stain/, without_stain/ (pretraining
-# runs), probe_with_stain/, probe_without_stain/ (probes with --stain-shift) and compare/.
+# runs), probe_with_stain/, probe_without_stain/ (probes with --stain-shift), compare/ and
+# diagnose/ (label-free: class-token displacement under the shift, token health).
 # About 1 s per step on a 2-core CPU in bf16, plus about 15 minutes per probe.
 set -euo pipefail
 
@@ -25,3 +26,6 @@ for arm in with_stain without_stain; do
   "$JWTH" probe --data "$DATA" --encoder "$OUT/$arm/encoder" --out "$OUT/probe_$arm" --stain-shift 0,0.5,1,2
 done
 "$JWTH" compare "$OUT/probe_with_stain" "$OUT/probe_without_stain" --out "$OUT/compare"
+# label-free: class-token displacement under a stain shift, token health (metrics.json)
+"$JWTH" diagnose --encoder "$OUT/with_stain/encoder" --encoder "$OUT/without_stain/encoder" \
+  --label with_stain --label without_stain --data "$DATA" --out "$OUT/diagnose" --n-tiles 64

@@ -14,6 +14,9 @@ tokens excluded):
   (the Gram matrix DINOv3's Gram anchoring constrains, Siméoni et al. 2025).
 - **PCA maps**: the first three principal components of all shown tiles' patch tokens,
   each scaled to [0, 1] (1st-99th percentile), shown as RGB over the token grid.
+- **stain sensitivity** (label-free; docs/stain-shift.md): how far a test-time stain
+  shift of strength 1 and 2 moves each tile's class token, relative to the distance
+  between two tiles' class tokens (0 = the encoder ignores the stain change).
 
 :func:`diagnose` compares one or more encoders on the same tiles (e.g. before and
 after Gram post-training) and writes ``metrics.json``, ``gram_spectrum.png``,
@@ -119,21 +122,54 @@ def _label(spec: str) -> str:
 
 
 @torch.no_grad()
-def encode(encoder, images: list, size: int | None = None, batch_size: int = 16, device: str = "cpu") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Patch tokens (T, N, D) float32 and grid of PIL tiles through ``encoder``."""
+def encode(encoder, images: list, size: int | None = None, batch_size: int = 16, device: str = "cpu",
+           with_cls: bool = False):
+    """Patch tokens (T, N, D) float32 and grid of PIL tiles through ``encoder``; with
+    ``with_cls`` also the class tokens (T, D): ``(patches, grid, cls)``."""
     from torchvision import transforms as T
 
     size = int(size or encoder.input_size)
     tf = T.Compose(
         [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(), T.Normalize(encoder.mean, encoder.std)]
     )
-    outs, grid = [], None
+    outs, cls, grid = [], [], None
     for i in range(0, len(images), batch_size):
         x = torch.stack([tf(im) for im in images[i : i + batch_size]]).to(device)
         tok = encoder(x)
         outs.append(tok.patches.float().cpu())
+        cls.append(tok.cls.float().cpu())
         grid = tok.grid
+    if with_cls:
+        return torch.cat(outs), grid, torch.cat(cls)
     return torch.cat(outs), grid
+
+
+#: stain-shift strengths at which :func:`diagnose` measures the class-token displacement
+SHIFT_STRENGTHS = (1.0, 2.0)
+
+
+def stain_displacement(encoder, images: list, paths: list, size: int | None = None, device: str = "cpu",
+                       strengths=SHIFT_STRENGTHS, base_cls: torch.Tensor | None = None) -> dict:
+    """Label-free stain sensitivity: class-token displacement under a test-time stain shift.
+
+    Each tile is shifted by :class:`jwth.eval.stain_shift.StainShift` (seeded by its path,
+    the same for every encoder) and :func:`jwth.eval.stain_shift.token_displacement` of the
+    class tokens is taken: mean ||z' - z|| / mean inter-tile distance (0 = invariant).
+
+    Returns:
+        ``{"<strength>": {"relative", "cosine", "n"}}``.
+    """
+    from jwth.eval.stain_shift import StainShift, strength_key, token_displacement
+
+    if base_cls is None:
+        base_cls = encode(encoder, images, size=size, device=device, with_cls=True)[2]
+    out = {}
+    for st in strengths:
+        shift = StainShift(float(st))
+        shifted = [shift(im, str(p)) for im, p in zip(images, paths)]
+        cls = encode(encoder, shifted, size=size, device=device, with_cls=True)[2]
+        out[strength_key(st)] = token_displacement(base_cls.numpy(), cls.numpy())
+    return out
 
 
 def diagnose(
@@ -190,9 +226,10 @@ def diagnose(
     maps = {}
     for spec, lab in zip(encoders, labels):
         enc = load_encoder(spec, device=device)
-        patches, grid = encode(enc, images, size=size, device=device)
+        patches, grid, cls = encode(enc, images, size=size, device=device, with_cls=True)
         m = token_metrics(patches)
         m.update({"spec": spec, "grid": list(grid), "weights_hash": enc.weights_hash})
+        m["class_token_stain_displacement"] = stain_displacement(enc, images, chosen, size, device, base_cls=cls)
         result["encoders"][lab] = m
         maps[lab] = pca_rgb(patches[:n_show], grid)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -147,6 +147,12 @@ def test_cli_pretrain_and_bad_key(synthetic_tiles, tiny_overrides, tmp_path):
     assert res.exit_code == 0, res.output
     for f in ("metrics.json", "gram_spectrum.png", "pca_maps.png"):
         assert (tmp_path / "d" / f).is_file()
+    # label-free stain sensitivity, per encoder: grows with the strength, 0 would be invariance
+    import json
+
+    for m in json.loads((tmp_path / "d" / "metrics.json").read_text())["encoders"].values():
+        d = m["class_token_stain_displacement"]
+        assert 0 < d["1"]["relative"] < d["2"]["relative"] and d["1"]["n"] == 4
 
 
 @pytest.mark.slow
