@@ -11,6 +11,7 @@
 # lies below 0) with jwth.encoders.release.release_encoder; the command is printed at the end.
 set -euo pipefail
 
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUN=${1:-$HOME/jwth-runs/crc_vit_tiny_long}
 OUT=${2:-$HOME/jwth-runs/finish}
 POST_MIN=${3:-30}
@@ -18,11 +19,26 @@ JWTH=${JWTH:-jwth}
 DATA="${JWTH_DATA_ROOT:?set JWTH_DATA_ROOT to the folder holding tcga_crc_msi/}/tcga_crc_msi"
 RANDOM_SPEC="timm:vit_tiny_patch16_224?img_size=112"
 TEST_SITES=AA,CM   # fixed before the long run started (docs/pretraining.md)
+TOTAL_STEPS=16920
 mkdir -p "$OUT"
 
-# 1. Gram anchoring, from the final checkpoint (at most POST_MIN minutes; resumable)
+# 0. only a finished run: probes of a partial model would be overwritten by nothing and their
+#    caches would refuse the final weights
+if ! grep -q "\"trained_steps\": $TOTAL_STEPS" "$RUN/encoder/config.json" 2>/dev/null; then
+  echo "$RUN has not finished its $TOTAL_STEPS steps (see $RUN/encoder/config.json); run scripts/long_run.sh first." >&2
+  exit 2
+fi
+
+# 1. Gram anchoring, from the final checkpoint (at most POST_MIN minutes a call; resumable)
+rc=0
 "$JWTH" posttrain --from "$RUN" --data "$DATA" --out "$OUT/gram" train.max_minutes="$POST_MIN" \
-  train.progress=false train.log_every=50 || [ $? = 3 ]
+  train.progress=false train.log_every=50 || rc=$?
+if [ "$rc" = 3 ]; then
+  echo "post-training stopped after $POST_MIN min; run this script again to resume it (nothing else was run)." >&2
+  exit 3
+elif [ "$rc" != 0 ]; then
+  exit "$rc"
+fi
 "$JWTH" plot-losses "$RUN" "$OUT/gram" --out "$OUT/curves.png"
 
 # 2. token diagnostics: random init, pretrained, post-trained
@@ -43,14 +59,15 @@ done
 "$JWTH" compare "$OUT/probe_gram" "$OUT/probe_pretrained" --out "$OUT/compare_gram_vs_pretrained"
 "$JWTH" compare "$OUT/probe_gram" "$OUT/probe_random" --out "$OUT/compare_gram_vs_random"
 
+PY_BIN=$(dirname "$(command -v "$JWTH")")/python
 cat <<EOF
 All evidence is in $OUT. Read compare_*/compare.md, then release (example for the Gram encoder):
 
-python - <<'PY'
+cd "$ROOT" && "$PY_BIN" - <<'PY'
 from pathlib import Path
 from jwth.encoders.release import ReleaseEvidence, release_encoder
 ev = ReleaseEvidence(
-    run=Path("$RUN"), progress=Path("checkpoints/wip/crc-vit-tiny-long/PROGRESS.json"),
+    run=Path("$RUN"), progress=Path("$ROOT/checkpoints/wip/crc-vit-tiny-long/PROGRESS.json"),
     curves=Path("$OUT/curves.png"), diagnose={"random init / pretrained / Gram": Path("$OUT/diagnose")},
     probes={"pretrained, 5-fold patient CV": Path("$OUT/probe_pretrained"),
             "Gram post-trained, 5-fold patient CV": Path("$OUT/probe_gram"),

@@ -22,13 +22,13 @@ jwth posttrain --from "$RUNS/crc_vit_tiny" --data "$DATA" --out "$RUNS/crc_vit_t
 jwth plot-losses "$RUNS/crc_vit_tiny" "$RUNS/crc_vit_tiny_gram" --out "$RUNS/release/losses.png"
 
 # the random-init baseline: same architecture, same input size (112 px), fixed seed
-RANDOM="timm:vit_tiny_patch16_224?img_size=112"
-jwth diagnose --encoder "$RANDOM" --encoder "$RUNS/crc_vit_tiny/encoder" --encoder "$RUNS/crc_vit_tiny_gram/encoder" \
+RANDOM_SPEC="timm:vit_tiny_patch16_224?img_size=112"
+jwth diagnose --encoder "$RANDOM_SPEC" --encoder "$RUNS/crc_vit_tiny/encoder" --encoder "$RUNS/crc_vit_tiny_gram/encoder" \
   --label random --label pretrained --label gram --data "$DATA" --out "$RUNS/release/diagnose_224" --size 224
-jwth diagnose --encoder "$RANDOM" --encoder "$RUNS/crc_vit_tiny/encoder" --encoder "$RUNS/crc_vit_tiny_gram/encoder" \
+jwth diagnose --encoder "$RANDOM_SPEC" --encoder "$RUNS/crc_vit_tiny/encoder" --encoder "$RUNS/crc_vit_tiny_gram/encoder" \
   --label random --label pretrained --label gram --data "$DATA" --out "$RUNS/release/diagnose_112"
 
-jwth probe --data "$DATA" --encoder "$RANDOM" --out "$RUNS/probe_random_vit_tiny" --positive MSIMUT
+jwth probe --data "$DATA" --encoder "$RANDOM_SPEC" --out "$RUNS/probe_random_vit_tiny" --positive MSIMUT
 jwth probe --data "$DATA" --encoder "$RUNS/crc_vit_tiny/encoder" --out "$RUNS/probe_pretrained" --positive MSIMUT
 jwth probe --data "$DATA" --encoder "$RUNS/crc_vit_tiny_gram/encoder" --out "$RUNS/probe_gram" --positive MSIMUT
 

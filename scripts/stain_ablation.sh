@@ -5,14 +5,14 @@
 #
 #   JWTH_DATA_ROOT=/path/to/data bash scripts/stain_ablation.sh [STEPS] [OUT_ROOT]
 #
-# OUT_ROOT (default ~/jwth-runs/stain_ablation) gets with_stain/, without_stain/ (pretraining
+# OUT_ROOT (default ~/jwth-runs/stain_ablation_STEPS) gets with_stain/, without_stain/ (pretraining
 # runs), probe_with_stain/, probe_without_stain/ (probes with --stain-shift), compare/ and
 # diagnose/ (label-free: class-token displacement under the shift, token health).
 # About 1 s per step on a 2-core CPU in bf16, plus about 15 minutes per probe.
 set -euo pipefail
 
 STEPS=${1:-1500}
-OUT=${2:-$HOME/jwth-runs/stain_ablation}
+OUT=${2:-$HOME/jwth-runs/stain_ablation_$STEPS}   # one folder per STEPS: probes cache the encoder they saw
 JWTH=${JWTH:-jwth}
 CONFIG=src/jwth/configs/pretrain_crc_vit_tiny_long.yaml
 DATA="${JWTH_DATA_ROOT:?set JWTH_DATA_ROOT to the folder holding tcga_crc_msi/}/tcga_crc_msi"

@@ -69,3 +69,33 @@ def test_token_check_catches_other_weights(tmp_path):
     b = load_encoder(str(_export(tmp_path / "b", seed=1)))
     with pytest.raises(ValueError, match="other cls tokens"):
         _check_same_tokens(a, b, tmp_path / "a")
+
+
+def test_release_refuses_weights_that_overflow_float16_and_records_the_dtype(tmp_path, evidence):
+    src = _export(tmp_path / "enc")
+    dest = release_encoder(src, "ok", evidence, dest_root=tmp_path / "ckpt")
+    assert json.loads((dest / "config.json").read_text())["jwth"]["dtype"] == "float16"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src / "model.safetensors"))
+    state["blocks.0.attn.qkv.weight"][0, 0] = 1e5  # fine in float32, inf in float16
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ValueError, match="other cls tokens"):
+        release_encoder(src, "bad", evidence, dest_root=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "bad").exists()
+
+
+def test_card_tables_of_diagnostics(tmp_path, evidence):
+    from jwth.encoders.release import model_card
+
+    d = tmp_path / "diag"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"encoders": {"gram": {
+        "effective_rank_per_tile": 27.5, "effective_rank_pooled": 80.0, "mean_pairwise_cosine": 0.5,
+        "gram_spectrum": [0.1] * 500, "class_token_stain_displacement": {"1": {"relative": 0.34}, "2": {"relative": 0.57}}}}}))
+    evidence.diagnose = {"after Gram": d}
+    card = model_card("x", {"architecture": "vit_tiny_patch16_224",
+                            "jwth": {"source": "jwth posttrain (EMA teacher backbone)", "trained_steps": 1410}}, evidence)
+    assert "| gram | 27.500 | 80.000 | 0.500 | 0.340 / 0.570 |" in card
+    assert "jwth posttrain (EMA teacher backbone), 1,410 steps" in card and "then Gram anchoring" in card
+    assert "0.1, 0.1" not in card  # the spectrum stays in metrics.json

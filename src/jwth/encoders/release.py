@@ -11,6 +11,7 @@ checks that the released weights load and give the same tokens as the source.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +69,33 @@ def _progress_lines(progress: Path) -> list[str]:
     return lines
 
 
+def _diagnose_lines(metrics_file: Path) -> list[str]:
+    """A table of ``jwth diagnose``'s metrics per encoder (the Gram spectrum stays in metrics.json)."""
+    enc = json.loads(Path(metrics_file).read_text()).get("encoders", {})
+
+    def num(m: dict, *keys) -> str:
+        v = m
+        for k in keys:
+            v = v.get(k, {}) if isinstance(v, dict) else {}
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "—"
+
+    head = ("| encoder | effective rank per tile | pooled effective rank | patch cosine | class-token displacement "
+            "under stain shift 1 / 2 |")
+    lines = [head, "| --- | --- | --- | --- | --- |"]
+    for label, m in enc.items():
+        lines.append(f"| {label} | {num(m, 'effective_rank_per_tile')} | {num(m, 'effective_rank_pooled')} | "
+                     f"{num(m, 'mean_pairwise_cosine')} | {num(m, 'class_token_stain_displacement', '1', 'relative')} / "
+                     f"{num(m, 'class_token_stain_displacement', '2', 'relative')} |")
+    return lines + ["", f"Full metrics (and the Gram spectrum): `{Path(metrics_file).name}` of `jwth diagnose`."]
+
+
 def _probe_lines(label: str, folder: Path) -> list[str]:
     from jwth.eval.report import results_table
 
     res = json.loads((Path(folder) / "results.json").read_text())
-    split = f"split {res['split']['kind']} ({res['split']['folds']} fold(s))"
+    sp = res["split"]
+    split = (f"site split, test sites {', '.join(sp.get('test_sites') or [])}" if sp["kind"] == "site"
+             else f"patient split ({sp['folds']} folds)")
     return [f"### {label}", "", f"{res.get('n_tiles')} tiles, {res.get('n_patients')} patients, {split}.", "",
             results_table(res), ""]
 
@@ -84,9 +107,12 @@ def model_card(name: str, config: dict, ev: ReleaseEvidence) -> str:
     jw = config.get("jwth", {})
     arch = config.get("architecture", "?")
     size = config.get("pretrained_cfg", {}).get("input_size", [3, "?", "?"])[-1]
+    made = jw.get("source", "jwth pretrain")
+    steps = f", {jw['trained_steps']:,} steps" if isinstance(jw.get("trained_steps"), int) else ""
     out = [f"# jwth:{name}", "",
-           f"A `{arch}` ({config.get('model_args', {})}) pretrained with jwth's self-supervised recipe "
-           f"(DINO + iBOT + KoLeo, EMA teacher, stain augmentation). Input {size} px"
+           f"A `{arch}` ({config.get('model_args', {})}) trained by {made}{steps} with jwth's self-supervised "
+           f"recipe (DINO + iBOT + KoLeo, EMA teacher, stain augmentation"
+           + ("; then Gram anchoring" if "posttrain" in made else "") + f"). Input {size} px"
            + (f" at {jw['mpp']} µm/px" if jw.get("mpp") else "") + "; float16 weights; load with "
            f"`jwth.encoders.load_encoder('jwth:{name}')` or `--encoder jwth:{name}`.", ""]
     if ev.data:
@@ -100,8 +126,7 @@ def model_card(name: str, config: dict, ev: ReleaseEvidence) -> str:
     if ev.curves and Path(ev.curves).is_file():
         out += ["## Loss and monitor curves", "", "![curves](curves.png)", ""]
     for label, folder in ev.diagnose.items():
-        m = json.loads((Path(folder) / "metrics.json").read_text())
-        out += [f"## Diagnostics: {label}", "", "```json", json.dumps(m.get("encoders", m), indent=1)[:4000], "```", ""]
+        out += [f"## Diagnostics: {label}", "", *_diagnose_lines(Path(folder) / "metrics.json"), ""]
     if ev.probes:
         out += ["## Probe results", ""]
         for label, folder in ev.probes.items():
@@ -158,9 +183,10 @@ def release_encoder(encoder_dir: str | Path, name: str, evidence: ReleaseEvidenc
         if size > MAX_RELEASE_BYTES:
             raise ValueError(f"{src}: float16 weights are {size / 1e6:.1f} MB, over the {MAX_RELEASE_BYTES / 1e6:.0f} MB "
                              "a packaged release may take; release a smaller model or host the weights elsewhere.")
-        shutil.copy(src / "config.json", tmp / "config.json")
+        config = json.loads((src / "config.json").read_text())
+        config.setdefault("jwth", {})["dtype"] = "float16"  # what the released file holds
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _check_same_tokens(load_encoder(str(src)), load_encoder(str(tmp)), src)
-        config = json.loads((tmp / "config.json").read_text())
         if evidence.curves and Path(evidence.curves).is_file():
             shutil.copy(evidence.curves, tmp / "curves.png")
         (tmp / "MODEL_CARD.md").write_text(model_card(name, config, evidence))
@@ -181,7 +207,7 @@ def _check_same_tokens(a, b, src: Path, tol: float = 2e-2) -> None:
     for part in ("cls", "patches"):
         u, v = getattr(ta, part).float(), getattr(tb, part).float()
         err = float((u - v).abs().max() / u.abs().max().clamp_min(1e-6))
-        if err > tol:
+        if not math.isfinite(err) or err > tol:  # NaN / inf: float16 overflowed
             raise ValueError(f"Released weights of {src} give other {part} tokens (max relative error {err:.3g}).")
 
 
