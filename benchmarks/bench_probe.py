@@ -7,6 +7,12 @@
 3. attention-pooling inference per tile / encoder forward per tile
 4. cache bytes per tile, and peak memory of a streaming pass over caches of
    two sizes (the peak must not grow with the cache: ratio ~ 1)
+5. a whole `jwth probe` run with a cold cache (extraction, heads with early stopping,
+   bootstrap CIs, baselines, report), linear + attention / linear only, same tiles
+   (``--whole-tiles-per-patient`` of every patient)                     (target <= 1.2);
+   and a reference run without early stopping and with fp32 token products
+
+    python benchmarks/bench_probe.py --only 5    # the whole-run ratio alone
 """
 
 from __future__ import annotations
@@ -79,8 +85,13 @@ def main() -> None:
     ap.add_argument("--encoder", default=DEFAULT_ENCODER)
     ap.add_argument("--tiles", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--whole-tiles-per-patient", type=int, default=5)
+    ap.add_argument("--only", type=int, choices=[1, 2, 3, 4, 5], help="run one section (5 needs none of 1-4)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.only == 5:
+        whole_run(args.encoder, args.whole_tiles_per_patient)
+        return
     table = read_labels(dataset_dir("tcga_crc_msi"))
     step = max(1, len(table) // args.tiles)  # evenly spaced: both classes (the file is sorted by label)
     table = table.subset((np.arange(len(table)) % step == 0) & (np.arange(len(table)) < step * args.tiles))
@@ -142,6 +153,49 @@ def main() -> None:
           f"{sizes[0] / 2**20:.0f} MiB cache, {peaks[1][0] / 2**20:.0f} MiB (RSS {peaks[1][1] / 2**20:.0f} MiB) over a "
           f"{sizes[1] / 2**20:.0f} MiB cache; peak ratio large/small = {peaks[1][0] / max(peaks[0][0], 1):.2f} "
           f"for a {sizes[1] / sizes[0]:.1f}x larger cache")
+    if args.only is None:
+        whole_run(args.encoder, args.whole_tiles_per_patient)
+
+
+def whole_run(encoder: str, per_patient: int) -> None:
+    """[5] Wall time of whole cold `jwth probe` runs (as the CLI runs them), both heads vs linear only."""
+    from jwth.eval.benchmark import cap_tiles
+    from jwth.eval.probe import ProbeConfig
+    from jwth.eval.run import RunConfig, probe_run
+
+    data = dataset_dir("tcga_crc_msi")
+    df = pd.read_csv(data / "labels.csv", dtype=str, keep_default_na=False)
+    df = df[cap_tiles(df, per_patient)].copy()
+    df["path"] = [str(data / p) for p in df["path"]]
+    for p in df["path"]:  # the same page cache for both runs: read every tile once beforehand
+        Path(p).read_bytes()
+    wall, res = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "data").mkdir()
+        df.to_csv(Path(d) / "data" / "labels.csv", index=False)
+        runs = {"linear": (["linear"], HeadTrainConfig()),
+                "linear+attention": (["linear", "attention"], HeadTrainConfig()),
+                # reference: no early stopping, fp32 token products (the protocol before both were added)
+                "reference": (["linear", "attention"], HeadTrainConfig(patience=0, token_precision="fp32"))}
+        for name, (heads, train) in runs.items():
+            t0 = time.perf_counter()
+            res[name] = probe_run(RunConfig(data=str(Path(d) / "data"), encoder=encoder, out=str(Path(d) / name),
+                                            probe=ProbeConfig(heads=heads, positive_class="MSIMUT", train=train)),
+                                  quiet=True)
+            wall[name] = time.perf_counter() - t0
+    lin, both = wall["linear"], wall["linear+attention"]
+    r = res["linear+attention"]
+    print(f"[5] whole cold `jwth probe` run, {r['n_tiles']} tiles of {r['n_patients']} patients ({per_patient} per "
+          f"patient), 5-fold patient CV, 1,000 bootstraps, head token products in {r.get('head_token_dtype')}: "
+          f"linear + attention {both:.1f} s (extraction {r['timing_seconds'].get('extract', float('nan')):.1f} s, "
+          f"attention training {r['heads']['attention']['train_seconds']:.1f} s), linear only {lin:.1f} s; "
+          f"ratio = {both / lin:.2f} (target <= 1.2). Tile BACC: linear "
+          f"{r['heads']['linear']['tile']['bacc']:.3f}, attention {r['heads']['attention']['tile']['bacc']:.3f}")
+    ref = res["reference"]
+    print(f"    reference without early stopping, fp32 token products: {wall['reference']:.1f} s (attention "
+          f"training {ref['heads']['attention']['train_seconds']:.1f} s), ratio to linear only = "
+          f"{wall['reference'] / lin:.2f}; tile BACC linear {ref['heads']['linear']['tile']['bacc']:.3f}, attention "
+          f"{ref['heads']['attention']['tile']['bacc']:.3f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from jwth.cli.app import app
-from jwth.cli.probe import _HEADS_HELP, _fail
+from jwth.cli.probe import EPOCHS_OPT, PATIENCE_OPT, _HEADS_HELP, _fail, head_token_precision
 from jwth.cli.probe import (
     BATCH_SIZE_OPT, DEVICE_OPT, N_BOOT_OPT, PATIENT_COL_OPT, PRECISION_OPT, SEED_OPT, SITE_COL_OPT, SKIP_BAD_OPT,
     STAIN_SHIFT_OPT, STAIN_SHIFT_PER_OPT, STAIN_SHIFT_SEED_OPT, WORKERS_OPT, _PATH_COL_HELP,
@@ -32,7 +32,8 @@ def benchmark(
     label_col: str = typer.Option("label", help="labels.csv label column (read and checked; tasks name their own columns)."),
     patient_col: str = PATIENT_COL_OPT,
     site_col: Optional[str] = SITE_COL_OPT,
-    epochs: int = typer.Option(10, help="Head training epochs."),
+    epochs: int = EPOCHS_OPT,
+    patience: int = PATIENCE_OPT,
     n_boot: int = N_BOOT_OPT,
     seed: int = SEED_OPT,
     batch_size: int = BATCH_SIZE_OPT,
@@ -61,7 +62,9 @@ def benchmark(
             device=device, precision=precision, batch_size=batch_size, num_workers=num_workers,
             skip_bad_tiles=skip_bad_tiles,
             probe=ProbeConfig(heads=parse_heads(heads), folds=folds, n_boot=n_boot, baselines=parse_baselines(baselines),
-                              train=HeadTrainConfig(epochs=epochs, seed=seed), stain_shift=parse_strengths(stain_shift),
+                              train=HeadTrainConfig(epochs=epochs, seed=seed, patience=patience,
+                                                    token_precision=head_token_precision(precision)),
+                              stain_shift=parse_strengths(stain_shift),
                               stain_shift_per=stain_shift_per, stain_shift_seed=stain_shift_seed),
         )
         res = benchmark_run(cfg)

@@ -23,8 +23,16 @@ _HEADS_HELP = "Comma-separated heads: linear, attention, mean, learned-query."
 _ENCODER_HELP = ("Encoder spec (see `jwth encoders`). Default: timm:vit_small_patch16_224 with a RANDOM "
                  "initialisation (no pretrained weights are bundled), i.e. a pipeline check.")
 _DEVICE_HELP = "Where the encoder runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
-_PRECISION_HELP = ("Autocast precision: auto (bf16 on CUDA; on CPU bf16 only where measured faster than fp32, "
-                   "see `jwth env`), fp32, bf16, or fp16 (CUDA only).")
+_PRECISION_HELP = ("Autocast precision of the encoder, and of the attention heads' products with the patch "
+                   "tokens (heads train on CPU): auto (bf16 on CUDA; on CPU bf16 only where measured faster than "
+                   "fp32, see `jwth env`), fp32, bf16, or fp16 (CUDA only; the heads then use auto).")
+
+
+def head_token_precision(precision: str) -> str:
+    """The heads' token precision (:attr:`jwth.eval.train.HeadTrainConfig.token_precision`) for
+    ``--precision``: the same name, except fp16 (CUDA-only autocast), for which the heads,
+    trained on CPU, choose themselves (auto)."""
+    return "auto" if precision == "fp16" else precision
 _WORKERS_HELP = "Tile-decoding worker processes (0 = decode in the main process)."
 _PATH_COL_HELP = "Column of labels.csv with the tile paths (relative to --data)."
 _LABEL_COL_HELP = "Column of labels.csv with the class labels."
@@ -38,6 +46,11 @@ SEED_OPT = typer.Option(0, help=_SEED_HELP)
 BATCH_SIZE_OPT = typer.Option(32, help="Extraction batch size.")
 WORKERS_OPT = typer.Option(1, help=_WORKERS_HELP)
 DEVICE_OPT = typer.Option("auto", help=_DEVICE_HELP)
+EPOCHS_OPT = typer.Option(10, help="Head training epochs (at most, with early stopping).")
+PATIENCE_OPT = typer.Option(
+    3, help="Early stopping of the heads on the inner validation split: stop once the validation balanced "
+    "accuracy has not improved for this many epochs, and refit on all training tiles for the best epoch count. "
+    "0 = train all --epochs and choose lr / weight decay at the last epoch.")
 PRECISION_OPT = typer.Option("auto", help=_PRECISION_HELP)
 SKIP_BAD_OPT = typer.Option(False, help="Leave undecodable tiles out (recorded).")
 STAIN_SHIFT_OPT = typer.Option(
@@ -101,7 +114,7 @@ def _probe(
     cache: Optional[Path], labels: str, path_col: str, label_col: str, patient_col: str, site_col: Optional[str],
     positive: Optional[str], epochs: int, n_boot: int, seed: int, batch_size: int, num_workers: int,
     device: str, precision: str, skip_bad_tiles: bool, stain_shift: Optional[str] = None,
-    stain_shift_per: str = "tile", stain_shift_seed: int = 0,
+    stain_shift_per: str = "tile", stain_shift_seed: int = 0, patience: int = 3,
 ) -> dict:
     from jwth.eval.probe import ProbeConfig
     from jwth.eval.report import results_table
@@ -117,7 +130,8 @@ def _probe(
         skip_bad_tiles=skip_bad_tiles,
         probe=ProbeConfig(
             heads=parse_heads(heads), split=split, folds=folds, test_sites=_csv(test_sites),
-            n_boot=n_boot, positive_class=positive, train=HeadTrainConfig(epochs=epochs, seed=seed),
+            n_boot=n_boot, positive_class=positive, train=HeadTrainConfig(epochs=epochs, seed=seed, patience=patience,
+                                                              token_precision=head_token_precision(precision)),
             stain_shift=parse_strengths(stain_shift), stain_shift_per=stain_shift_per,
             stain_shift_seed=stain_shift_seed,
         ),
@@ -166,7 +180,8 @@ def probe(
     site_col: Optional[str] = SITE_COL_OPT,
     positive: Optional[str] = typer.Option(
         None, help="Positive class of the ROC curve (default: the class with the fewest patients)."),
-    epochs: int = typer.Option(10, help="Head training epochs."),
+    epochs: int = EPOCHS_OPT,
+    patience: int = PATIENCE_OPT,
     n_boot: int = N_BOOT_OPT,
     seed: int = SEED_OPT,
     batch_size: int = BATCH_SIZE_OPT,
@@ -184,7 +199,7 @@ def probe(
     try:
         _probe(data, encoder or DEFAULT_ENCODER, out, heads, split, folds, test_sites, cache, labels, path_col,
                label_col, patient_col, site_col, positive, epochs, n_boot, seed, batch_size, num_workers,
-               device, precision, skip_bad_tiles, stain_shift, stain_shift_per, stain_shift_seed)
+               device, precision, skip_bad_tiles, stain_shift, stain_shift_per, stain_shift_seed, patience)
     except KeyboardInterrupt:
         typer.secho(f"\ninterrupted: finished tiles are saved in the token cache ({cache or out / 'cache'}); "
                     "rerun the same command to resume.", err=True)

@@ -200,7 +200,10 @@ def run_cells(cache, cfg: BenchmarkConfig, tf: TaskFile, tasks: list[TaskLabels]
     kinds = {token_input(h) for h in cfg.probe.heads} - {None}
     if kinds and not cache.has_patches:
         raise ValueError(f"Heads {cfg.probe.heads} need patch tokens but cache {cache.folder} has none.")
-    feats = load_features(cache, kinds)
+    from jwth.eval.train import resolve_token_dtype
+
+    feats = load_features(cache, kinds, normalized_dtype=resolve_token_dtype(cfg.probe.train.token_precision)
+                          if "normalized" in kinds else torch.float32)
     patients, sites = tiles["patient_id"].to_numpy(), tiles["site"].to_numpy()
     coh = np.array(["" if c is None else str(c) for c in cohorts[rows]], dtype=object)
     cells = []

@@ -95,7 +95,11 @@ def aggregate_by_patient(
 
 
 def _resample_groups(groups: np.ndarray, n_boot: int, seed: int):
-    """Yield tile index arrays of patient-level bootstrap samples."""
+    """Yield tile index arrays of patient-level bootstrap samples.
+
+    Each sample draws len(patients) patients with replacement and lists the tiles of
+    every drawn patient, patient after patient, in draw order.
+    """
     rng = np.random.default_rng(seed)
     ids, inv = np.unique(groups, return_inverse=True)
     order = np.argsort(inv, kind="stable")
@@ -103,7 +107,47 @@ def _resample_groups(groups: np.ndarray, n_boot: int, seed: int):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     for _ in range(n_boot):
         pick = rng.integers(0, len(ids), len(ids))
-        yield np.concatenate([order[starts[p] : starts[p] + counts[p]] for p in pick])
+        n = counts[pick]
+        ends = np.cumsum(n)
+        # position of each output tile within its drawn patient, without a Python loop
+        within = np.arange(ends[-1]) - np.repeat(ends - n, n)
+        yield order[np.repeat(starts[pick], n) + within]
+
+
+def bootstrap_cis(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    groups: np.ndarray | None = None,
+    metric_names: tuple[str, ...] = METRICS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of several metrics on the same resampled ``groups`` (patients).
+
+    Equal to one :func:`bootstrap_ci` call per metric with the same seed (the resamples
+    are drawn once and shared). With ``groups=None`` every row is its own group (use it
+    for patient-level arrays). Resamples with one class are dropped, and so are those
+    where a metric is undefined (for that metric).
+
+    Returns:
+        ``{metric: (low, high)}``; (nan, nan) when fewer than 10 resamples were defined.
+    """
+    y_true, prob = np.asarray(y_true), np.asarray(prob)
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    vals: dict[str, list[float]] = {m: [] for m in metric_names}
+    for idx in _resample_groups(groups, n_boot, seed):
+        yi = y_true[idx]
+        if len(np.unique(yi)) < 2:
+            continue
+        pi = prob[idx]
+        for m in metric_names:
+            v = metric(m, yi, pi)
+            if np.isfinite(v):
+                vals[m].append(v)
+    a = (1 - level) / 2
+    return {m: ((float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) if len(v) >= 10
+                else (float("nan"), float("nan"))) for m, v in vals.items()}
 
 
 def bootstrap_ci(
@@ -123,17 +167,7 @@ def bootstrap_ci(
     Returns:
         (low, high); (nan, nan) when fewer than 10 resamples were defined.
     """
-    y_true, prob = np.asarray(y_true), np.asarray(prob)
-    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
-    vals = []
-    for idx in _resample_groups(groups, n_boot, seed):
-        v = metric(metric_name, y_true[idx], prob[idx])
-        if np.isfinite(v) and len(np.unique(y_true[idx])) > 1:
-            vals.append(v)
-    if len(vals) < 10:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+    return bootstrap_cis(y_true, prob, groups, (metric_name,), n_boot, seed, level)[metric_name]
 
 
 def paired_bootstrap(

@@ -1,8 +1,9 @@
 """The frozen-encoder probe protocol on a token cache.
 
 For each outer split (patient-level stratified k-fold, or train-sites/test-sites):
-choose lr / weight decay of each head on an inner patient split of the training
-tiles, refit on all training tiles, predict the test tiles. Out-of-fold predictions
+choose lr / weight decay (and with early stopping the epoch count) of each head on
+an inner patient split of the training tiles, refit on all training tiles, predict
+the test tiles. Out-of-fold predictions
 of all folds are pooled and scored at tile level and at patient level (mean tile
 probability per patient), with 95 % bootstrap CIs over patients and a paired
 bootstrap of each head minus the linear probe.
@@ -20,12 +21,12 @@ from jwth.cache import TokenCache
 from jwth.eval.metrics import (
     METRICS,
     aggregate_by_patient,
-    bootstrap_ci,
+    bootstrap_cis,
     classification_metrics,
     paired_bootstrap,
 )
 from jwth.eval.splits import inner_split, missing_training_classes, patient_folds, site_split
-from jwth.eval.train import Features, HeadTrainConfig, predict, select_and_fit
+from jwth.eval.train import Features, HeadTrainConfig, predict, resolve_token_dtype, select_and_fit
 from jwth.heads import build_head, normalize_tokens, parse_heads, token_input
 from jwth.progress import progress_bar
 
@@ -60,23 +61,28 @@ class ProbeOutput:
 
 
 def load_features(
-    cache: TokenCache, kinds: set[str], fp32_budget_bytes: float = 6e9, chunk: int = 512
+    cache: TokenCache, kinds: set[str], fp32_budget_bytes: float = 6e9, chunk: int = 512,
+    normalized_dtype: torch.dtype = torch.float32,
 ) -> Features:
     """Read a cache into memory for head training.
 
     Class tokens as float32; patch tokens of each requested kind (``raw``,
     ``normalized`` = :func:`jwth.heads.normalize_tokens`, computed once here) as
-    float32 when all of them fit in ``fp32_budget_bytes``, else float16.
+    float32 when all of them fit in ``fp32_budget_bytes``, else float16. With
+    ``normalized_dtype=torch.bfloat16`` (bf16 token products in the attention heads,
+    :attr:`jwth.eval.train.HeadTrainConfig.token_precision`) the normalised tokens are
+    kept in bfloat16, half the memory.
     """
     idx = np.arange(cache.n_tiles)
-    feats = Features(cls=torch.from_numpy(cache.read_cls(idx)))
+    feats = Features(cls=torch.from_numpy(cache.read_cls(idx)), normalized_dtype=normalized_dtype)
     kinds = {k for k in kinds if k}
     if not kinds:
         return feats
     N, D = int(cache.manifest["num_patches"]), cache.embed_dim
     dtype = torch.float32 if len(kinds) * cache.n_tiles * N * D * 4 <= fp32_budget_bytes else torch.float16
     raw = torch.empty((cache.n_tiles, N, D), dtype=dtype) if "raw" in kinds else None
-    normed = torch.empty((cache.n_tiles, N, D), dtype=dtype) if "normalized" in kinds else None
+    ndtype = torch.bfloat16 if normalized_dtype == torch.bfloat16 else dtype
+    normed = torch.empty((cache.n_tiles, N, D), dtype=ndtype) if "normalized" in kinds else None
     for s in range(0, cache.n_tiles, chunk):
         p = torch.from_numpy(cache.read_patches_f16(idx[s : s + chunk])).float()
         if raw is not None:
@@ -98,13 +104,13 @@ def summarize(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, n_boot: int
     """
     out = {}
     tile = classification_metrics(y, prob)
-    for m in METRICS:
-        tile[f"{m}_ci"] = list(bootstrap_ci(y, prob, patients, m, n_boot, seed))
+    for m, ci in bootstrap_cis(y, prob, patients, METRICS, n_boot, seed).items():
+        tile[f"{m}_ci"] = list(ci)
     tile["n"] = int(len(y))
     pp, yp, _ = aggregate_by_patient(prob, y, patients)
     pat = classification_metrics(yp, pp)
-    for m in METRICS:
-        pat[f"{m}_ci"] = list(bootstrap_ci(yp, pp, None, m, n_boot, seed))
+    for m, ci in bootstrap_cis(yp, pp, None, METRICS, n_boot, seed).items():
+        pat[f"{m}_ci"] = list(ci)
     pat["n"] = int(len(yp))
     out["tile"], out["patient"] = tile, pat
     return out
@@ -199,7 +205,10 @@ def run_probe(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.time()
-    feats = load_features(cache, kinds) if feats is None else feats
+    token_dtype = resolve_token_dtype(cfg.train.token_precision) if "normalized" in kinds else torch.float32
+    if feats is None:
+        feats = load_features(cache, kinds, normalized_dtype=token_dtype)
+    feats.normalized_dtype = token_dtype
     load_s = time.time() - t0
 
     splits = make_splits(y, patients, sites, cfg, classes) if splits is None else splits
@@ -207,6 +216,8 @@ def run_probe(
     shift_feats = []
     if shifted is not None:
         shift_feats = shifted.get(np.unique(np.concatenate([sp[1] for sp in splits])), colour_cls)
+        for sf in shift_feats:
+            sf.feats.normalized_dtype = token_dtype
     oof_shift = {sf.strength: {h: np.full((cache.n_tiles, len(classes)), np.nan) for h in heads} for sf in shift_feats}
 
     T, N = cache.n_tiles, int(cache.manifest.get("num_patches", 0))
@@ -246,6 +257,7 @@ def run_probe(
                         "patient_bacc": classification_metrics(yp, pp)["bacc"],
                         "lr": info["lr"],
                         "weight_decay": info["weight_decay"],
+                        "epochs": info["epochs"],
                     }
                 )
                 bar.advance(1)
@@ -289,5 +301,6 @@ def run_probe(
     results["n_patients"] = int(len(set(pt)))
     results["n_sites"] = int(len(set(sites[tested])))
     results["split"] = {"kind": cfg.split, "folds": len(splits), "test_sites": cfg.test_sites}
+    results["head_token_dtype"] = str(token_dtype).removeprefix("torch.")
     results["timing_seconds"] = {"load_cache": round(load_s, 2), "total": round(time.time() - t0, 2)}
     return ProbeOutput(results=results, oof_prob=oof, attention=attn, test_mask=test_mask, splits=splits)

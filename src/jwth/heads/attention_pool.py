@@ -62,24 +62,29 @@ def class_attention_pool(
 def attend(qk: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of queries already in token space.
 
+    The two products with the tokens run in the tokens' dtype (bfloat16 tokens make
+    them bf16 matrix products, about 3x faster on CPUs with AVX512-BF16 / AMX);
+    scores, softmax and outputs stay in the queries' dtype.
+
     Args:
         qk: (B, Q, D) queries (scaled, projected through W_k).
-        tokens: (B, N, D).
+        tokens: (B, N, D), float32 or bfloat16.
         mask: (B, N) bool, True = attend.
 
     Returns:
-        (pooled (B, Q, D) = softmax(qk tokens^T) tokens, weights (B, Q, N)).
+        (pooled (B, Q, D) = softmax(qk tokens^T) tokens, weights (B, Q, N)), in qk's dtype.
 
     Raises:
         ValueError: a mask row keeps no token.
     """
-    scores = torch.bmm(qk, tokens.transpose(1, 2))
+    dt = tokens.dtype
+    scores = torch.bmm(qk.to(dt), tokens.transpose(1, 2)).to(qk.dtype)
     if mask is not None:
         if (~mask).all(dim=1).any():
             raise ValueError("A mask row keeps no token; attention over nothing is undefined.")
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     attn = scores.softmax(dim=-1)
-    return torch.bmm(attn, tokens), attn
+    return torch.bmm(attn.to(dt), tokens).to(qk.dtype), attn
 
 
 class AttentionPool(nn.Module):
@@ -227,9 +232,10 @@ def grid_forward_normalized(
     H = qks[0].shape[1]
     pooled, attn = attend(torch.cat(qks, dim=1), tokens)
     out = []
-    for g, h in enumerate(heads):
-        h.last_attention = attn[:, g * H : (g + 1) * H].detach()
-        out.append(h.classify(cls, h.pool.finish(pooled[:, g * H : (g + 1) * H])))
+    # split, not slicing: the backward of G slices zero-fills G full-size gradients
+    for h, p, a in zip(heads, pooled.split(H, dim=1), attn.detach().split(H, dim=1)):
+        h.last_attention = a
+        out.append(h.classify(cls, h.pool.finish(p)))
     return out
 
 
