@@ -56,3 +56,39 @@ def test_explicit_precisions():
         device.resolve_precision(cpu, "fp16")
     with pytest.raises(ValueError, match="Unknown precision"):
         device.resolve_precision(cpu, "fp8")  # type: ignore[arg-type]
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_default():
+    from jwth.device import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 3)
+    b = torch.nn.Linear(8, 3)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(a.parameters(), lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    assert fused.defaults.get("fused") is True
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_falls_back_where_fused_is_refused(monkeypatch):
+    import jwth.device as dev
+
+    real = torch.optim.AdamW
+
+    class NoFused(real):
+        def __init__(self, params, **kw):
+            if kw.get("fused"):
+                raise RuntimeError("fused not supported here")
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    opt = dev.adamw(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    assert isinstance(opt, NoFused) and not opt.defaults.get("fused")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jwth.device import adamw
 from jwth.eval.metrics import metric
 from jwth.heads.attention_pool import JWTHAttentionHead, grid_forward_normalized
 
@@ -171,12 +172,7 @@ def cosine_factor(step: int, total: int) -> float:
 
 
 def _adamw(head: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused where PyTorch supports it (CPU and CUDA float tensors: about 3x faster
-    steps for a JWTH head on CPU), else the per-tensor implementation."""
-    try:
-        return torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    return adamw(head.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 def _stacked(heads: list[nn.Module]) -> bool:

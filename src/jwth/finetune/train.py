@@ -24,7 +24,7 @@ from torch import nn
 
 from jwth.augment import StainAugmentConfig, stain_augment
 from jwth.data.tiles import load_tile
-from jwth.device import autocast, resolve_precision
+from jwth.device import adamw, autocast, resolve_precision
 from jwth.eval.metrics import metric
 from jwth.eval.train import class_weights
 from jwth.finetune.model import FinetuneModel, load_trainable_state, trainable_state
@@ -274,7 +274,7 @@ def fit(
     groups = [{"params": head_params, "lr": cfg.lr}]
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.resolved_encoder_lr()})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = adamw(groups, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, math.ceil(len(fit_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     dtype = resolve_precision(device, precision)  # type: ignore[arg-type]

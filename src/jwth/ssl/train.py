@@ -147,7 +147,7 @@ def train(
         FileNotFoundError: no images in ``data_dir``.
         ValueError: bad config values (batch not divisible by the process count, ...).
     """
-    from jwth.device import autocast
+    from jwth.device import adamw, autocast
 
     di = init_distributed(cfg["train"]["device"])
     out = Path(out_dir)
@@ -197,7 +197,7 @@ def train(
     groups = param_groups(student, float(cfg["optim"]["layerwise_decay"]), float(cfg["optim"]["patch_embed_lr_mult"]))
     for g in groups:
         g.pop("names")
-    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg["optim"]["adamw_beta1"], cfg["optim"]["adamw_beta2"]))
+    opt = adamw(groups, lr=0.0, betas=(cfg["optim"]["adamw_beta1"], cfg["optim"]["adamw_beta2"]))
     t_params, s_params = student.ema_pairs(teacher)
     train_params = [p for p in student.parameters() if p.requires_grad]
 
@@ -405,7 +405,7 @@ def train(
                             if mod is not None:
                                 ps = [p for p in mod.parameters() if p.grad is not None]
                                 if ps:
-                                    torch.nn.utils.clip_grad_norm_(ps, float(clip))
+                                    torch.nn.utils.clip_grad_norm_(ps, float(clip), foreach=True)
                 touched = True
                 with timer.phase("optimizer"):
                     opt.step()
