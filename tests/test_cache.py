@@ -148,3 +148,37 @@ def test_damaged_cache_files_are_named(tmp_path):
     h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
     with pytest.raises(CacheDamagedError, match="tokens.h5 cannot be opened as HDF5.*delete the folder"):
         TokenCache.open(tmp_path / "c")
+
+
+def test_tiles_changed_on_disk_are_refused_not_reused(tmp_path):
+    import json
+    import os
+
+    from PIL import Image
+
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    enc = load_encoder("baseline:colour")
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    assert (tmp_path / "c" / "tile_stats.npy").is_file()
+    before = _digest(tmp_path / "c" / "tokens.h5")
+    # unchanged tiles: reused as they are
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    # one tile re-exported in place (same path, new content)
+    tile = data / table.df["path"][1]
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(tile)
+    st = tile.stat()
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"tokens of 1 tile\(s\) that have changed on disk.*p0_t1.png.*left untouched"):
+        extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True)
+    assert _digest(tmp_path / "c" / "tokens.h5") == before
+
+
+def test_a_cache_made_before_the_tile_stats_is_accepted_and_gets_them(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    enc = load_encoder("baseline:colour")
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    (tmp_path / "c" / "tile_stats.npy").unlink()
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    assert (tmp_path / "c" / "tile_stats.npy").is_file()

@@ -168,3 +168,25 @@ def test_every_option_of_every_command_has_help():
             if isinstance(p, click.Option) and not (p.help or "").strip() and p.name != "help":
                 missing.append(f"{name} --{p.name}")
     assert not missing, f"options without help: {missing}"
+
+
+def test_rerun_into_a_finished_run_folder_never_loses_the_finished_run(tmp_path):
+    data = write_tiles(tmp_path / "d", n_patients=12, per_patient=2)
+    out = tmp_path / "run"
+    base = ["probe", "--data", str(data), "--encoder", "baseline:colour", "--out", str(out), "--folds", "2",
+            "--n-boot", "20", "--epochs", "2", "--num-workers", "0"]
+    r = runner.invoke(app, base + ["--heads", "linear"])
+    assert r.exit_code == 0, r.output
+    # the same settings again: rewritten in place, nothing archived
+    r = runner.invoke(app, base + ["--heads", "linear"])
+    assert r.exit_code == 0, r.output
+    assert not list(out.glob("replaced-*"))
+    first = (out / "results.json").read_text()
+    # other settings: the finished run moves aside, whole
+    r = runner.invoke(app, base + ["--heads", "linear", "--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    moved = list(out.glob("replaced-*"))
+    assert len(moved) == 1 and "held a finished run with other settings" in r.output
+    assert (moved[0] / "results.json").read_text() == first
+    assert yaml.safe_load((moved[0] / "config.yaml").read_text())["probe"]["train"]["epochs"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["probe"]["train"]["epochs"] == 3

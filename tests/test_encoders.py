@@ -149,3 +149,39 @@ def test_non_square_or_mismatched_input_size_is_refused_when_loaded():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="takes 32 x 32 px inputs but its input size .* is 64 px"):
         Encoder(model, spec="x", mean=(0.5,) * 3, std=(0.5,) * 3, input_size=64)
+
+
+def test_bad_timm_option_is_a_clear_error_naming_the_spec():
+    from jwth.encoders import load_encoder
+
+    with pytest.raises(ValueError, match=r"timm could not build 'vit_tiny_patch16_224'.*img_size=112"):
+        load_encoder("timm:vit_tiny_patch16_224?img_size=abc")
+
+
+def test_misspelt_timm_model_suggests_close_names():
+    from jwth.encoders import load_encoder
+
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
+        load_encoder("timm:vit_tinyy_patch16_224")
+
+
+def test_hub_models_load_offline_only(monkeypatch):
+    """Registry / hf-hub encoders never reach the network: the Hub is in offline mode while they load."""
+    import huggingface_hub.constants as hub_constants
+    import timm
+
+    import jwth.encoders as enc
+
+    seen = []
+
+    def fake_create_model(name, **kw):
+        seen.append((name, hub_constants.HF_HUB_OFFLINE, __import__("os").environ.get("HF_HUB_OFFLINE")))
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = hub_constants.HF_HUB_OFFLINE
+    with pytest.raises(RuntimeError, match="local cache"):
+        enc.load_encoder("hf-hub:some-org/some-model")
+    assert seen == [("hf-hub:some-org/some-model", True, "1")]
+    assert hub_constants.HF_HUB_OFFLINE == before and "HF_HUB_OFFLINE" not in __import__("os").environ

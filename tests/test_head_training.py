@@ -249,3 +249,33 @@ def test_shared_bootstrap_equals_one_bootstrap_per_metric():
         assert together[m] == bootstrap_ci(y, p, groups, m, n_boot=200, seed=4)
     lo, hi = together["bacc"]
     assert 0 < lo < hi < 1
+
+
+@pytest.mark.parametrize("kw, msg", [({"epochs": 0}, "--epochs 0"), ({"patience": -1}, "--patience -1"),
+                                     ({"batch_size": 1}, "at least 2 tiles"), ({"lrs": []}, "at least one"),
+                                     ({"token_precision": "fp8"}, "auto, fp32 or bf16")])
+def test_bad_head_training_options_are_named(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        HeadTrainConfig(**kw).check()
+    HeadTrainConfig().check()  # the defaults pass
+
+
+def test_one_fold_is_refused_with_the_option_named():
+    from jwth.eval.splits import patient_folds
+
+    with pytest.raises(ValueError, match="--folds 1: k-fold cross-validation needs at least 2"):
+        patient_folds(np.array([0, 1] * 4), np.arange(8).astype(str), n_splits=1)
+
+
+@pytest.mark.parametrize("kw, msg", [({"batch_size": 0}, "--batch-size 0"), ({"num_workers": -1}, "--num-workers -1"),
+                                     ({"precision": "fp8"}, "--precision 'fp8'"), ({"n_boot": 0}, "--n-boot 0")])
+def test_bad_extraction_options_fail_before_any_tile_is_read(tmp_path, kw, msg):
+    from jwth.eval.probe import ProbeConfig
+    from jwth.eval.run import RunConfig, probe_run
+
+    n_boot = kw.pop("n_boot", 1000)
+    # the data folder does not even exist: the option check comes first
+    with pytest.raises(ValueError, match=msg):
+        probe_run(RunConfig(data=str(tmp_path / "nowhere"), encoder="baseline:colour", out=str(tmp_path / "run"),
+                            probe=ProbeConfig(n_boot=n_boot), **kw), quiet=True)
+    assert not (tmp_path / "run").exists()

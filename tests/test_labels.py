@@ -62,3 +62,49 @@ def test_resolved_columns_and_patient_none(tmp_path):
     assert t.notes["site_col"] == "tss" and "patient_col" not in t.notes
     with pytest.raises(ValueError, match="no site column 'hospital'"), pytest.warns(UserWarning):
         read_labels(tmp_path, patient_col=None, site_col="hospital", check_files=False)
+
+
+def _tiles_folder(tmp_path, text: str, encoding: str = "utf-8"):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "images" / f"t{i}.png")
+    (tmp_path / "labels.csv").write_bytes(text.encode(encoding))
+    return tmp_path
+
+
+def test_utf16_label_file_is_named_with_the_fix(tmp_path):
+    from jwth.data.tiles import read_labels
+
+    d = _tiles_folder(tmp_path, "path,label,patient_id\nimages/t0.png,a,p0\nimages/t1.png,b,p1\n", "utf-16")
+    with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text.*save it as CSV in UTF-8"):
+        read_labels(d)
+
+
+def test_header_spaces_are_ignored_and_semicolons_get_a_hint(tmp_path):
+    from jwth.data.tiles import read_labels
+
+    d = _tiles_folder(tmp_path, "path, label , patient_id\nimages/t0.png,a,p0\nimages/t1.png,b,p1\n")
+    assert list(read_labels(d).df["label"]) == ["a", "b"]
+    (d / "labels.csv").write_text("path;label;patient_id\nimages/t0.png;a;p0\nimages/t1.png;b;p1\n")
+    with pytest.raises(ValueError, match="';'-separated: write it comma-separated"):
+        read_labels(d)
+
+
+def test_misspelt_patient_column_is_an_error_not_a_silent_fallback(tmp_path):
+    from jwth.data.tiles import read_labels
+
+    d = _tiles_folder(tmp_path, "path,label,patient_id\nimages/t0.png,a,p0\nimages/t1.png,b,p1\n")
+    with pytest.raises(ValueError, match="no patient column 'patientid'.*--patient-col"):
+        read_labels(d, patient_col="patientid")
+    assert set(read_labels(d).df["patient_id"]) == {"p0", "p1"}
+
+
+def test_a_tile_written_two_ways_is_a_duplicate(tmp_path):
+    from jwth.data.tiles import read_labels
+
+    d = _tiles_folder(tmp_path, "path,label,patient_id\nimages/t0.png,a,p0\nimages/t1.png,b,p1\n"
+                                "./images/t0.png,b,p2\n")
+    with pytest.raises(ValueError, match="listed twice.*'images/t0.png'"):
+        read_labels(d)

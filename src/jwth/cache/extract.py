@@ -29,6 +29,7 @@ def extract_tokens(
     quiet: bool = False,
     image_shift=None,
     tile_checks: dict | None = None,
+    label: str | None = None,
 ) -> TokenCache:
     """Extract class, register and patch tokens of every tile into ``cache_dir``.
 
@@ -51,6 +52,7 @@ def extract_tokens(
             tile before the encoder's transform (recorded in the cache identity, so a
             shifted cache is never mistaken for an unshifted one, nor for a shift keyed
             by other patients or sites), or None.
+        label: the progress bar's label (default ``extract <data set>``).
         tile_checks: the report of a decode check already made on exactly these tiles
             (e.g. the unshifted cache's): the tiles are not decoded again up front.
 
@@ -94,6 +96,7 @@ def extract_tokens(
     )
     if cache.manifest.get("tile_checks") != report:
         _update_manifest(cache_dir, {"tile_checks": report})  # this run's checks, e.g. newly skipped tiles
+    _check_tiles_unchanged(cache, cache_dir, table)
     todo = np.flatnonzero(~cache.done_mask)
     if len(todo):
         ds = TileDataset(table.root, table.df["path"].tolist(), encoder.transform, image_shift, keys)
@@ -105,7 +108,7 @@ def extract_tokens(
         t0 = time.time()
         done = 0
         try:
-            with progress_bar(f"extract {table.root.name}", total=len(todo), unit="tiles", disable=quiet) as bar:
+            with progress_bar(label or f"extract {table.root.name}", total=len(todo), unit="tiles", disable=quiet) as bar:
                 for x, idx in loader:
                     x = x.to(device, non_blocking=True)
                     with torch.inference_mode(), autocast(device, precision):  # type: ignore[arg-type]
@@ -130,6 +133,49 @@ def extract_tokens(
     else:
         cache.close()
     return TokenCache.open(cache_dir)
+
+
+#: per-tile size and modification time of the tiles a cache was made from (jwth.cache.tokens.tile_stats)
+TILE_STATS = "tile_stats.npy"
+
+
+def _check_tiles_unchanged(cache, cache_dir: Path, table: TileTable) -> None:
+    """Refuse a cache whose already extracted tiles changed on disk since (size or
+    modification time), naming them; then record the current stats (tiles not extracted
+    yet may change freely, e.g. a broken tile fixed before a resume). Caches made before
+    the stats existed are accepted and get them.
+
+    Raises:
+        ValueError: extracted tiles changed; the cache is left untouched.
+    """
+    import os
+
+    from jwth.cache.tokens import tile_stats
+
+    paths = table.df["path"].tolist()
+    now = tile_stats(table.root, paths)
+    f = cache_dir / TILE_STATS
+    if f.is_file():
+        try:
+            old = np.load(f)
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.shape == now.shape:
+            changed = np.flatnonzero(cache.done_mask & (old != now).any(axis=1))
+            if len(changed):
+                cache.close()
+                shown = ", ".join(paths[i] for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
+                raise ValueError(
+                    f"Token cache {cache_dir} holds tokens of {len(changed)} tile(s) that have changed on disk since "
+                    f"they were extracted (size or modification time; e.g. {shown} in {table.label_file}): "
+                    "re-exported or stain-normalised in place, or the same paths in another data folder. It is "
+                    "left untouched: delete it or choose another --cache to recompute."
+                )
+            if np.array_equal(old, now):
+                return
+    tmp = f.with_suffix(".tmp.npy")
+    np.save(tmp, now)
+    os.replace(tmp, f)
 
 
 _PRECISION_OF = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}

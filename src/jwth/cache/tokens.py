@@ -48,6 +48,24 @@ def tiles_hash(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
 
 
+def tile_stats(root: str | Path, paths: list[str]) -> np.ndarray:
+    """Size (bytes) and modification time (ns) of each listed tile, (T, 2) int64; -1 for a missing file.
+
+    A stat per tile, no read. The row of a tile changes when it is re-exported,
+    stain-normalised or replaced in place, or when the same relative paths point into
+    another data folder (unless that folder is an exact copy with times preserved).
+    """
+    out = np.full((len(paths), 2), -1, dtype=np.int64)
+    root = Path(root)
+    for i, p in enumerate(paths):
+        try:
+            st = (root / p).stat()
+            out[i] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return out
+
+
 def manifest_for(encoder, paths: list[str], store_patches: bool = True, image_shift=None,
                  shift_keys: list[str] | None = None) -> dict:
     """The identity part of a manifest for ``encoder`` over ``paths`` (and the stain shift

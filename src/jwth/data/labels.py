@@ -48,12 +48,21 @@ def read_table(path: str | Path, required: Sequence[str] = (), hint: str = "") -
     if not path.is_file():
         raise FileNotFoundError(f"Label file {path} not found.")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty: add a header line and one row per item.") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}; e.g. saved as UTF-16 by a spreadsheet): "
+            "save it as CSV in UTF-8."
+        ) from None
+    df.columns = [str(c).strip() for c in df.columns]  # 'path, label' headers
     for col in required:
         if col not in df.columns:
-            raise ValueError(f"{path} has no column {col!r} (columns: {list(df.columns)}). {hint}".strip())
+            sep = next((c for c in ";\t|" if len(df.columns) == 1 and c in df.columns[0]), None)
+            sep_name = "tab" if sep == "\t" else repr(sep)
+            sep_hint = f" The header looks {sep_name}-separated: write it comma-separated." if sep else ""
+            raise ValueError(f"{path} has no column {col!r} (columns: {list(df.columns)}).{sep_hint} {hint}".strip())
     if len(df) == 0:
         raise ValueError(f"{path} has a header but no rows: list one item per row.")
     return df.apply(lambda s: s.str.strip())

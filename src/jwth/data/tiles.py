@@ -9,6 +9,7 @@ that, each tile is its own patient (with a warning: splits are then tile-level).
 
 from __future__ import annotations
 
+import posixpath
 import re
 import warnings
 from collections import Counter
@@ -111,8 +112,13 @@ def read_labels(
             f"'{path_col},{label_col}' (optional patient_id, site); pass --labels to name another file."
         )
     raw = read_table(lf, (path_col, label_col), hint="Rename it or pass --path-col/--label-col.")
+    if patient_col and patient_col != "patient_id" and patient_col not in raw.columns:
+        raise ValueError(f"{lf} has no patient column {patient_col!r} (columns: {list(raw.columns)}); fix "
+                         "--patient-col, or pass --patient-col none to derive patients from TCGA barcodes or per tile.")
     notes: dict = {}
-    df = pd.DataFrame({"path": raw[path_col], "label": raw[label_col]})
+    # one spelling per file: './images/a.jpg' and 'images//a.jpg' are 'images/a.jpg' (duplicates show)
+    paths = raw[path_col].map(lambda p: posixpath.normpath(p) if p else p)
+    df = pd.DataFrame({"path": paths, "label": raw[label_col]})
 
     # patients
     if patient_col and patient_col in raw.columns and (raw[patient_col] != "").all():

@@ -16,8 +16,10 @@ Spec forms (see :func:`load_encoder`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,9 @@ def _load_timm(name: str, kwargs: dict[str, Any], spec: str) -> Encoder:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
         hint = f" Similar: {close}." if close else " List them with timm.list_models('vit_*')."
         raise ValueError(f"Unknown timm model {name!r} in encoder spec {spec!r}.{hint}")
     mean = kwargs.pop("mean", None)
@@ -94,7 +98,13 @@ def _load_timm(name: str, kwargs: dict[str, Any], spec: str) -> Encoder:
     seed = kwargs.pop("seed", RANDOM_INIT_SEED)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise ValueError(
+                f"Encoder spec {spec!r}: timm could not build {name!r} with options {kwargs} ({type(e).__name__}: "
+                f"{e}). Check the key=value options after '?' (e.g. img_size=112, reg_tokens=4)."
+            ) from e
     m, s, size = _data_cfg(model)
     return Encoder(
         model,
@@ -107,11 +117,36 @@ def _load_timm(name: str, kwargs: dict[str, Any], spec: str) -> Encoder:
     )
 
 
+@contextlib.contextmanager
+def hub_offline():
+    """Hugging Face Hub offline mode for the duration (``HF_HUB_OFFLINE=1``): weights come
+    from the local cache or not at all -- no request, no retries, whatever the environment."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        hub_constants = None
+    old_const = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
 def _load_hub(hub_id: str, kwargs: dict[str, Any], spec: str, entry: RegistryEntry | None) -> Encoder:
     import timm
 
     try:
-        model = timm.create_model(f"hf-hub:{hub_id}", pretrained=True, num_classes=0, **kwargs)
+        with hub_offline():
+            model = timm.create_model(f"hf-hub:{hub_id}", pretrained=True, num_classes=0, **kwargs)
     except Exception as e:  # offline, gated, or missing from the cache
         raise RuntimeError(
             f"Could not load {spec!r} (Hugging Face repo {hub_id}) from the local cache: {e}. "
@@ -140,7 +175,8 @@ def _load_transformers(entry: RegistryEntry, spec: str) -> Encoder:
             f"{spec!r} is a Hugging Face transformers model; `pip install transformers` first."
         ) from e
     try:
-        hf = AutoModel.from_pretrained(entry.hub_id)
+        with hub_offline():
+            hf = AutoModel.from_pretrained(entry.hub_id, local_files_only=True)
     except Exception as e:
         raise RuntimeError(
             f"Could not load {entry.hub_id} from the local Hugging Face cache: {e}. "

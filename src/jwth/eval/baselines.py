@@ -183,7 +183,8 @@ def colour_features(table, cache, cache_dir, batch_size: int = 64, num_workers: 
     paths = cache.tiles["path"]
     sub = table.subset(table.df["path"].isin(set(paths)).to_numpy())
     colour = extract_tokens(load_encoder(COLOUR_SPEC), sub, cache_dir, batch_size=batch_size,
-                            num_workers=num_workers, precision="fp32", store_patches=False, quiet=quiet)
+                            num_workers=num_workers, precision="fp32", store_patches=False, quiet=quiet,
+                            label=f"colour statistics {table.root.name}")
     try:
         pos = {p: i for i, p in enumerate(colour.tiles["path"])}
         return colour.read_cls(np.array([pos[p] for p in paths]))

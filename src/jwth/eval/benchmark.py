@@ -266,6 +266,10 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
     from jwth.eval.stain_shift import check_shift_keys, check_shift_options, remove_stale_figures
 
     check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
+    cfg.probe.train.check()  # and on bad head-training options
+    from jwth.eval.run import check_extraction_options
+
+    check_extraction_options(cfg.batch_size, cfg.num_workers, cfg.precision, cfg.probe.n_boot)
     if cfg.level not in ("patient", "tile"):
         raise ValueError(f"--level {cfg.level!r}: choose patient or tile.")
     tf, table, tasks, cohorts = _prepare(cfg)

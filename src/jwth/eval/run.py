@@ -99,6 +99,64 @@ def resolved_config(cfg, device: torch.device, encoder, table: TileTable) -> dic
     }
 
 
+#: options that do not change a run's results (left out when two runs' settings are compared)
+_NOT_RESULTS = ("out", "cache", "batch_size", "num_workers", "device")
+#: the files a probe run writes into its folder (moved together when a run is replaced)
+RUN_FILES = ("config.yaml", "results.json", "results.md", "predictions.csv", "confusion.png", "roc.png",
+             "attention.png", "attention_learned-query.png", "stain_shift.png", "stain_shift_tiles.png")
+
+
+def archive_previous_run(out: Path, resolved: dict) -> Path | None:
+    """Move a finished run in ``out`` made with other settings to ``out/replaced-<UTC time>/``.
+
+    Re-running the same settings into the same folder simply rewrites it; a run with other
+    settings (labels, encoder, heads, protocol, data) never overwrites finished results, and
+    none of its files (e.g. an attention figure of a head this run does not train) is left
+    beside the new ones.
+
+    Returns:
+        The folder the previous run was moved to, or None (nothing finished there, or the
+        same settings).
+    """
+    import shutil
+    from datetime import datetime, timezone
+
+    old_cfg = out / "config.yaml"
+    if not (out / "results.json").is_file():
+        return None
+    try:
+        old = yaml.safe_load(old_cfg.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        old = {}
+    new = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))  # as it will read back
+    keys = (set(old) | set(new)) - set(_NOT_RESULTS) - {"jwth_version", "torch_version", "platform"}
+    if all(old.get(k) == new.get(k) for k in keys):
+        return None
+    dest = out / f"replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            shutil.move(str(out / name), dest / name)
+    return dest
+
+
+def check_extraction_options(batch_size: int, num_workers: int, precision: str = "auto", n_boot: int = 1000) -> None:
+    """Fail before any tile is read on extraction (and bootstrap) options no run can use.
+
+    Raises:
+        ValueError: naming the option and what it accepts.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16 (CUDA only).")
+    if n_boot < 10:
+        raise ValueError(f"--n-boot {n_boot}: confidence intervals need at least 10 bootstrap resamples (1,000 is "
+                         "the default).")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: give a positive number of tiles per extraction batch.")
+    if num_workers < 0:
+        raise ValueError(f"--num-workers {num_workers}: give 0 (decode tiles in the main process) or more.")
+
+
 def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     """Run ``jwth probe``: extract (or resume) the cache, train and score heads, write outputs.
 
@@ -115,10 +173,13 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         ValueError / FileNotFoundError / jwth.data.tiles.TileError: bad data or options,
         before anything is written to the run folder.
     """
+    t_start = time.time()
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
     from jwth.eval.stain_shift import check_shift_options
 
     check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
+    cfg.probe.train.check()  # and on bad head-training options
+    check_extraction_options(cfg.batch_size, cfg.num_workers, cfg.precision, cfg.probe.n_boot)
     out = Path(cfg.out)
     table = load_table(cfg)
     if cfg.probe.stain_shift:
@@ -146,7 +207,6 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     extract_s = time.time() - t0
     resolved = resolved_config(cfg, device, encoder, table)
     resolved["cache"] = str(cache_dir)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     try:
         # labels, patients and sites from the current label file and options, aligned with the
         # cache rows (a cache holds tokens; it never decides how tiles are grouped)
@@ -183,6 +243,12 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
             **po.results,
         }
         res["timing_seconds"]["extract"] = round(extract_s, 2)
+        res["timing_seconds"]["wall"] = round(time.time() - t_start, 2)  # the run so far, as a user waits
+        # all outputs are written now, at the end: an interrupted run leaves the folder as it was
+        moved = archive_previous_run(out, resolved)
+        if moved is not None and not quiet:
+            print(f"{out} held a finished run with other settings: its files were moved to {moved}")
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         report.write_json(out / "results.json", res)
         report.write_markdown(out / "results.md", res)
         y = tiles["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()

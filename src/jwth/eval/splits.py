@@ -61,6 +61,8 @@ def patient_folds(
         ValueError: fewer patients of a class than folds, or a fold without both classes.
         LeakError: never, unless the splitter is broken (checked).
     """
+    if n_splits < 2:
+        raise ValueError(f"--folds {n_splits}: k-fold cross-validation needs at least 2 folds.")
     labels = np.asarray(labels)
     patients = np.asarray(patients)
     per_class = _per_class_patients(labels, patients, class_names)

@@ -43,6 +43,23 @@ class HeadTrainConfig:
     #: :func:`jwth.device.cpu_bf16_speedup`; else fp32), ``fp32`` or ``bf16``
     token_precision: str = "auto"
 
+    def check(self) -> None:
+        """Fail fast on settings no run can use (called before any token is computed).
+
+        Raises:
+            ValueError: naming the option and the accepted values.
+        """
+        if self.epochs < 1:
+            raise ValueError(f"--epochs {self.epochs}: train the heads for at least 1 epoch.")
+        if self.patience < 0:
+            raise ValueError(f"--patience {self.patience}: give 0 (no early stopping) or a positive number of epochs.")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size {self.batch_size}: batches need at least 2 tiles (BatchNorm statistics).")
+        if not self.lrs or not self.weight_decays:
+            raise ValueError("The head-training grid needs at least one learning rate and one weight decay.")
+        if self.token_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"Unknown head token precision {self.token_precision!r}; choose auto, fp32 or bf16.")
+
 
 def resolve_token_dtype(precision: str = "auto") -> torch.dtype:
     """The dtype of :attr:`HeadTrainConfig.token_precision` on this machine (heads train on CPU).
