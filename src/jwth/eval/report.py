@@ -138,13 +138,16 @@ def plot_confusion(path: Path, y: np.ndarray, oof: dict, patients: np.ndarray, c
         p = oof[h]
         pp, yp, _ = aggregate_by_patient(p, y, patients)
         for i, (yy, pr, lvl) in enumerate([(y, p, "tile"), (yp, pp, "patient")]):
-            ConfusionMatrixDisplay.from_predictions(
+            disp = ConfusionMatrixDisplay.from_predictions(
                 yy, pr.argmax(1), labels=range(len(classes)), display_labels=classes,
                 normalize="true", values_format=".2f", ax=axes[i, j], colorbar=False,
                 xticks_rotation=45 if C > 4 else "horizontal", text_kw={"fontsize": 9 if C <= 6 else 7},
+                im_kw={"vmin": 0.0, "vmax": 1.0},  # one colour scale for every panel: 0.44 never looks like 1
             )
+            image = disp.im_
             axes[i, j].set_title(f"{h} — {lvl} (n={len(yy)})\nrow-normalised: recall per true class", fontsize=9)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true class (0-1, all panels)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -248,22 +251,29 @@ def plot_attention(
     fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.4 * 2 * cols, 2.9 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    # one colour scale for all tiles, in multiples of uniform attention (1 = every token 1/N): a nearly
+    # uniform map stays dark instead of being stretched to look like a hot spot
+    n_tok = grid[0] * grid[1]
+    vmax = max(2.0, float(max(np.nanmax(attention[i]) for i, _ in chosen) * n_tok))
+    overlay = None
     for k, (i, c) in enumerate(chosen):
         r, cc = divmod(k, cols)
         img, _ = load_tile(root / tiles["path"].iloc[i])
-        a = attention[i].reshape(grid)
+        a = attention[i].reshape(grid) * n_tok
         axes[r, 2 * cc].imshow(img)
         axes[r, 2 * cc].set_title(f"{c} p={prob[i].max():.2f}", fontsize=8)
         axes[r, 2 * cc + 1].imshow(img)
-        axes[r, 2 * cc + 1].imshow(
-            a, cmap="inferno", alpha=0.55, extent=(0, img.size[0], img.size[1], 0), interpolation="bilinear"
+        overlay = axes[r, 2 * cc + 1].imshow(
+            a, cmap="inferno", alpha=0.55, extent=(0, img.size[0], img.size[1], 0), interpolation="bilinear",
+            vmin=0.0, vmax=vmax,
         )
-        axes[r, 2 * cc + 1].set_title(f"attention (max {a.max():.3f})", fontsize=8)
+        axes[r, 2 * cc + 1].set_title(f"attention (max {a.max():.1f}x uniform)", fontsize=8)
     fig.suptitle(
         "Class-token attention over patch tokens (JWTH head, mean over heads); per class, the test tiles "
         "predicted most confidently", fontsize=10,
     )
     fig.tight_layout(h_pad=1.5)
+    fig.colorbar(overlay, ax=axes.ravel().tolist(), shrink=0.5, label="attention x N (1 = uniform)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [tiles["path"].iloc[i] for i, _ in chosen]
