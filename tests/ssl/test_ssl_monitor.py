@@ -122,13 +122,16 @@ def test_run_writes_monitor_csv_and_plot(labelled_tiles, tiny_overrides, tmp_pat
 
 
 def test_graceful_stop_flag_and_second_signal():
+    # whatever the handlers were before (a background job starts with SIGINT ignored)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     with GracefulStop() as stop:
+        assert signal.getsignal(signal.SIGINT) is not before[0]  # its own handler while inside
         assert stop.requested is None
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested == "SIGTERM"
-    # handlers restored: the default SIGINT handler raises KeyboardInterrupt again
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # handlers restored to what they were
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigterm_checkpoints_and_resume_finishes(synthetic_tiles, tiny_overrides, tmp_path, monkeypatch):
