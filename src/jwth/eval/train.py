@@ -20,6 +20,9 @@ from jwth.device import adamw
 from jwth.eval.metrics import metric
 from jwth.heads.attention_pool import JWTHAttentionHead, grid_forward_normalized
 
+#: the names of HeadTrainConfig.token_precision
+TOKEN_PRECISIONS = ("auto", "fp32", "bf16")
+
 
 @dataclass
 class HeadTrainConfig:
@@ -57,7 +60,7 @@ class HeadTrainConfig:
             raise ValueError(f"batch_size {self.batch_size}: batches need at least 2 tiles (BatchNorm statistics).")
         if not self.lrs or not self.weight_decays:
             raise ValueError("The head-training grid needs at least one learning rate and one weight decay.")
-        if self.token_precision not in ("auto", "fp32", "bf16"):
+        if self.token_precision not in TOKEN_PRECISIONS:
             raise ValueError(f"Unknown head token precision {self.token_precision!r}; choose auto, fp32 or bf16.")
 
 
@@ -71,7 +74,7 @@ def resolve_token_dtype(precision: str = "auto") -> torch.dtype:
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
-    if precision != "auto":
+    if precision not in TOKEN_PRECISIONS:
         raise ValueError(f"Unknown head token precision {precision!r}; choose auto, fp32 or bf16.")
     from jwth.device import cpu_bf16_speedup
 
@@ -98,6 +101,10 @@ class Features:
     patches_normalized: torch.Tensor | None = None
     normalized_dtype: torch.dtype = torch.float32
 
+    def source(self, kind: str) -> torch.Tensor | None:
+        """The held patch tokens of ``kind`` (``raw`` or ``normalized``), or None."""
+        return {"raw": self.patches, "normalized": self.patches_normalized}[kind]
+
     def dtype_of(self, kind: str) -> torch.dtype:
         """The dtype tokens of ``kind`` are handed to the heads in."""
         return self.normalized_dtype if kind == "normalized" else torch.float32
@@ -108,7 +115,7 @@ class Features:
         Raises:
             ValueError: these features hold no tokens of that kind.
         """
-        src = {"raw": self.patches, "normalized": self.patches_normalized}[kind]
+        src = self.source(kind)
         if src is None:
             raise ValueError(f"These features hold no {kind} patch tokens.")
         return src[torch.as_tensor(idx)].to(self.dtype_of(kind))
@@ -148,7 +155,7 @@ class BatchGather:
     def __init__(self, feats: Features, kinds: set[str], max_batch: int) -> None:
         self.feats, self.buffers, self.staging = feats, {}, {}
         for k in kinds:
-            src = {"raw": feats.patches, "normalized": feats.patches_normalized}[k]
+            src = feats.source(k)
             if src is None:
                 raise ValueError(f"These features hold no {k} patch tokens.")
             shape = (max_batch, *src.shape[1:])
@@ -162,7 +169,7 @@ class BatchGather:
         n = len(i)
         out = {}
         for k, buf in self.buffers.items():
-            src = {"raw": self.feats.patches, "normalized": self.feats.patches_normalized}[k]
+            src = self.feats.source(k)
             if k in self.staging:
                 out[k] = buf[:n].copy_(torch.index_select(src, 0, i, out=self.staging[k][:n]))
             else:
