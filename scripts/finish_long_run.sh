@@ -41,15 +41,19 @@ elif [ "$rc" != 0 ]; then
 fi
 "$JWTH" plot-losses "$RUN" "$OUT/gram" --out "$OUT/curves.png"
 
+# a step whose results are already there is skipped (delete its folder to run it again)
+done_in() { [ -f "$1/${2:-results.json}" ]; }
+
 # 2. token diagnostics: random init, pretrained, post-trained
-"$JWTH" diagnose --encoder "$RANDOM_SPEC" --encoder "$RUN/encoder" --encoder "$OUT/gram/encoder" \
+done_in "$OUT/diagnose" metrics.json || "$JWTH" diagnose --encoder "$RANDOM_SPEC" --encoder "$RUN/encoder" --encoder "$OUT/gram/encoder" \
   --label random-init --label pretrained --label gram --data "$DATA" --out "$OUT/diagnose" --n-tiles 64 --size 112
 
 # 3. the demo protocol (MSI, 5-fold patient CV, 1,000 bootstraps) and the site split, per encoder
 for pair in "random|$RANDOM_SPEC" "pretrained|$RUN/encoder" "gram|$OUT/gram/encoder"; do
   name=${pair%%|*}; spec=${pair#*|}
-  "$JWTH" probe --data "$DATA" --encoder "$spec" --out "$OUT/probe_$name" --positive MSIMUT --stain-shift 0,1,2
-  "$JWTH" probe --data "$DATA" --encoder "$spec" --out "$OUT/site_$name" --positive MSIMUT \
+  done_in "$OUT/probe_$name" || \
+    "$JWTH" probe --data "$DATA" --encoder "$spec" --out "$OUT/probe_$name" --positive MSIMUT --stain-shift 0,1,2
+  done_in "$OUT/site_$name" || "$JWTH" probe --data "$DATA" --encoder "$spec" --out "$OUT/site_$name" --positive MSIMUT \
     --split site --test-sites "$TEST_SITES" --cache "$OUT/probe_$name/cache"
 done
 

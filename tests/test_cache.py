@@ -174,6 +174,47 @@ def test_tiles_changed_on_disk_are_refused_not_reused(tmp_path):
     assert _digest(tmp_path / "c" / "tokens.h5") == before
 
 
+def test_a_data_folder_copied_anew_keeps_its_cache(tmp_path):
+    """New modification times with the same bytes (a copy without preserved times) are no change."""
+    import os
+    import shutil
+
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    enc = load_encoder("baseline:colour")
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    before = _digest(tmp_path / "c" / "tokens.h5")
+    shutil.copytree(data, tmp_path / "copy")  # copy2 keeps times: move them on explicitly
+    for f in (tmp_path / "copy").rglob("*.png"):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    shutil.rmtree(data)
+    (tmp_path / "copy").rename(data)
+    cache = extract_tokens(enc, read_labels(data), tmp_path / "c", num_workers=0, quiet=True)
+    assert cache.done_mask.all()
+    cache.close()
+    assert _digest(tmp_path / "c" / "tokens.h5") == before
+    stats = np.load(tmp_path / "c" / "tile_stats.npy")
+    assert stats.shape == (4, 3) and (stats[:, 2] != 0).all()
+
+
+def test_a_cache_with_size_and_time_only_refuses_a_tile_whose_time_changed(tmp_path):
+    """Fingerprints written before content digests existed cannot vouch for a touched tile."""
+    import os
+
+    data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
+    table = read_labels(data)
+    enc = load_encoder("baseline:colour")
+    extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True).close()
+    f = tmp_path / "c" / "tile_stats.npy"
+    np.save(f, np.load(f)[:, :2])
+    tile = data / table.df["path"][2]
+    st = tile.stat()
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"tokens of 1 tile\(s\).*without content digests.*p1_t0.png"):
+        extract_tokens(enc, table, tmp_path / "c", num_workers=0, quiet=True)
+
+
 def test_a_cache_made_before_the_tile_stats_is_accepted_and_gets_them(tmp_path):
     data = write_tiles(tmp_path / "d", n_patients=2, per_patient=2)
     table = read_labels(data)

@@ -135,46 +135,65 @@ def extract_tokens(
     return TokenCache.open(cache_dir)
 
 
-#: per-tile size and modification time of the tiles a cache was made from (jwth.cache.tokens.tile_stats)
+#: per tile: size, modification time and content digest of the tiles a cache was made from
+#: (jwth.cache.tokens.tile_stats / tile_digests), (T, 3) int64
 TILE_STATS = "tile_stats.npy"
 
 
 def _check_tiles_unchanged(cache, cache_dir: Path, table: TileTable) -> None:
-    """Refuse a cache whose already extracted tiles changed on disk since (size or
-    modification time), naming them; then record the current stats (tiles not extracted
-    yet may change freely, e.g. a broken tile fixed before a resume). Caches made before
-    the stats existed are accepted and get them.
+    """Refuse a cache whose already extracted tiles have new content since, naming them;
+    then record the current fingerprints.
+
+    Size and modification time are the fast path; where they differ (a re-export, or the
+    same data copied anew without its times) the content digest decides, so a copied data
+    folder keeps its caches and an in-place re-export does not. Tiles not extracted yet may
+    change freely (e.g. a broken tile fixed before a resume). Caches made before the
+    fingerprints existed are accepted and get them; those made with size and time only
+    (no digest) are refused where size or time differ, as their content cannot be checked.
 
     Raises:
         ValueError: extracted tiles changed; the cache is left untouched.
     """
     import os
 
-    from jwth.cache.tokens import tile_stats
+    from jwth.cache.tokens import tile_digests, tile_stats
 
     paths = table.df["path"].tolist()
-    now = tile_stats(table.root, paths)
+    stats = tile_stats(table.root, paths)
     f = cache_dir / TILE_STATS
+    old = None
     if f.is_file():
         try:
             old = np.load(f)
         except (OSError, ValueError):
             old = None
-        if old is not None and old.shape == now.shape:
-            changed = np.flatnonzero(cache.done_mask & (old != now).any(axis=1))
-            if len(changed):
-                cache.close()
-                shown = ", ".join(paths[i] for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
-                raise ValueError(
-                    f"Token cache {cache_dir} holds tokens of {len(changed)} tile(s) that have changed on disk since "
-                    f"they were extracted (size or modification time; e.g. {shown} in {table.label_file}): "
-                    "re-exported or stain-normalised in place, or the same paths in another data folder. It is "
-                    "left untouched: delete it or choose another --cache to recompute."
-                )
-            if np.array_equal(old, now):
-                return
+        if old is not None and (old.ndim != 2 or old.shape[0] != len(paths) or old.shape[1] not in (2, 3)):
+            old = None
+    digests = np.zeros(len(paths), dtype=np.int64)
+    if old is not None:
+        same = (old[:, :2] == stats).all(axis=1)
+        if old.shape[1] == 3:
+            digests[same] = old[same, 2]
+        moved = np.flatnonzero(~same)
+        digests[moved] = tile_digests(table.root, [paths[i] for i in moved])
+        known = old[:, 2] if old.shape[1] == 3 else np.zeros(len(paths), dtype=np.int64)
+        changed = np.flatnonzero(cache.done_mask & ~same & ((known == 0) | (known != digests)))
+        if len(changed):
+            cache.close()
+            shown = ", ".join(paths[i] for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
+            raise ValueError(
+                f"Token cache {cache_dir} holds tokens of {len(changed)} tile(s) that have changed on disk since "
+                f"they were extracted (new content, missing, or size / time changed in a cache without content "
+                f"digests; e.g. {shown} in {table.label_file}): re-exported or stain-normalised in place, or the "
+                "same paths in another data folder. It is left untouched: delete it or choose another --cache "
+                "to recompute."
+            )
+        if old.shape[1] == 3 and same.all():
+            return
+    missing = np.flatnonzero(digests == 0)
+    digests[missing] = tile_digests(table.root, [paths[i] for i in missing])
     tmp = f.with_suffix(".tmp.npy")
-    np.save(tmp, now)
+    np.save(tmp, np.column_stack([stats, digests]))
     os.replace(tmp, f)
 
 

@@ -51,9 +51,9 @@ def tiles_hash(paths: list[str]) -> str:
 def tile_stats(root: str | Path, paths: list[str]) -> np.ndarray:
     """Size (bytes) and modification time (ns) of each listed tile, (T, 2) int64; -1 for a missing file.
 
-    A stat per tile, no read. The row of a tile changes when it is re-exported,
-    stain-normalised or replaced in place, or when the same relative paths point into
-    another data folder (unless that folder is an exact copy with times preserved).
+    A stat per tile, no read: the fast path of :func:`tile_digests`. A row changes when a tile
+    is re-exported, stain-normalised or replaced in place, but also when the data folder is
+    merely copied anew (times not preserved), so a changed row alone proves nothing.
     """
     out = np.full((len(paths), 2), -1, dtype=np.int64)
     root = Path(root)
@@ -63,6 +63,23 @@ def tile_stats(root: str | Path, paths: list[str]) -> np.ndarray:
             out[i] = (st.st_size, st.st_mtime_ns)
         except OSError:
             pass
+    return out
+
+
+def tile_digests(root: str | Path, paths: list[str]) -> np.ndarray:
+    """64-bit BLAKE2b digest of each listed tile's bytes, (T,) int64; 0 for a missing file.
+
+    Decides whether a tile whose size or time changed (:func:`tile_stats`) has new content.
+    Reads each file once (about 1 s for 5,000 JPEG tiles of 36 KB).
+    """
+    out = np.zeros(len(paths), dtype=np.int64)
+    root = Path(root)
+    for i, p in enumerate(paths):
+        try:
+            d = hashlib.blake2b((root / p).read_bytes(), digest_size=8).digest()
+        except OSError:
+            continue
+        out[i] = int.from_bytes(d, "little", signed=True) or 1  # 0 is kept for "missing / unknown"
     return out
 
 
