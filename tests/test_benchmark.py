@@ -90,3 +90,37 @@ def test_multiclass_roc_titles_carry_the_table_auroc(tmp_path, monkeypatch):
     report.plot_roc(tmp_path / "roc.png", y, {"linear": prob}, np.arange(20).astype(str), list("ABCD"), 3)
     assert (tmp_path / "roc.png").is_file()
     assert f"linear — tile: macro one-vs-rest AUROC {metric('auroc', y, prob):.3f}" in titles
+
+
+def test_a_rerun_never_loses_a_finished_benchmark(tmp_path, monkeypatch):
+    """Interrupted: the finished run's files stay as they were; other settings: moved aside whole."""
+    import jwth.eval.benchmark as jb
+    from jwth_testutils import write_tiles
+
+    data = write_tiles(tmp_path / "d", n_patients=12, per_patient=2)
+    tasks = {"evaluations": [{"name": "pooled", "pooled": True}],
+             "tasks": [{"name": "label", "from": "labels", "column": "label", "classes": {"A": ["A"], "B": ["B"]}}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tasks))
+    out = tmp_path / "bench"
+    base = ["benchmark", "--data", str(data), "--tasks", str(tmp_path / "t.yaml"), "--encoder", "baseline:colour",
+            "--out", str(out), "--folds", "2", "--n-boot", "20", "--num-workers", "0", "--heads", "linear"]
+    r = runner.invoke(app, base + ["--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    finished = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert {"config.yaml", "results.json", "forest_label.png"} <= set(finished)
+
+    def interrupted(*a, **k):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as m:
+        m.setattr(jb, "run_cells", interrupted)
+        r = runner.invoke(app, base + ["--epochs", "3"])
+    assert r.exit_code != 0
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == finished
+
+    r = runner.invoke(app, base + ["--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    moved = list(out.glob("replaced-*"))
+    assert len(moved) == 1 and "held a finished benchmark with other settings" in r.output
+    assert {f.name: f.read_bytes() for f in moved[0].iterdir()} == finished
+    assert yaml.safe_load((out / "config.yaml").read_text())["probe"]["train"]["epochs"] == 3

@@ -95,6 +95,23 @@ def test_last_blocks_linear_head_run(tiles, tmp_path):
     assert not (tmp_path / "lb" / "attention.png").exists()
 
 
+def test_a_finished_run_without_its_folds_is_moved_aside_not_overwritten(tiles, tmp_path):
+    """folds/ deleted (nothing to refuse on), other settings: the finished run's files move whole."""
+    import shutil
+
+    out = tmp_path / "lb"
+    r = _finetune(tiles, out, "--method", "last-blocks", "--last-blocks", "1", "--head", "linear", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    finished = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    shutil.rmtree(out / "folds")
+    r = _finetune(tiles, out, "--method", "last-blocks", "--last-blocks", "2", "--head", "linear", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    moved = list(out.glob("replaced-*"))
+    assert len(moved) == 1 and "held a finished run with other settings" in r.output
+    assert {f.name: f.read_bytes() for f in moved[0].iterdir()} == finished
+    assert yaml.safe_load((out / "config.yaml").read_text())["finetune"]["last_blocks"] == 2
+
+
 def _error(cmd, data, tmp_path, *extra):
     r = runner.invoke(app, [cmd, "--data", str(data), "--out", str(tmp_path / cmd), "--encoder", SPEC,
                             "--folds", "2", *extra])

@@ -286,12 +286,12 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
     cache = extract_tokens(encoder, table, cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            precision=cfg.precision, skip_bad_tiles=cfg.skip_bad_tiles, quiet=quiet)
     timing = {"extract": round(time.time() - t0, 2)}
-    (out / "config.yaml").write_text(yaml.safe_dump({
+    resolved = {
         "jwth_version": jwth.__version__, "torch_version": str(torch.__version__), "platform": platform.platform(),
         **asdict(cfg), "task_file": str(tf.path), "device": str(device),
         "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
         "cache": str(cache_dir), "encoder_info": encoder.describe(),
-    }, sort_keys=False, allow_unicode=True))
+    }
     try:
         t0 = time.time()
         colour = None
@@ -303,9 +303,7 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
         rows = np.array([pos[p] for p in cache.tiles["path"]])
         tiles = table.df.iloc[rows].reset_index(drop=True)
         shifted = None
-        if not cfg.probe.stain_shift:
-            remove_stale_figures(out)
-        else:
+        if cfg.probe.stain_shift:
             from jwth.eval.stain_shift import ShiftedTokens
             from jwth.heads import token_input
 
@@ -344,8 +342,22 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
         cache.close()
     timing["total"] = round(time.time() - t_start, 2)
     res["timing_seconds"] = timing
+    # every output is written now, at the end: an interrupted run leaves a finished one as it was
+    from jwth.eval.run import archive_previous_run
+
+    moved = archive_previous_run(out, resolved, BENCHMARK_FILES)
+    if moved is not None and not quiet:
+        print(f"{out} held a finished benchmark with other settings: its files were moved to {moved}")
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    if not cfg.probe.stain_shift:
+        remove_stale_figures(out)
     br.write_outputs(out, res)
     return res
+
+
+#: the files ``jwth benchmark`` writes into its run folder (moved together when a run is replaced)
+BENCHMARK_FILES = ("config.yaml", "results.json", "results.md", "delta_heatmap*.png", "forest_*.png",
+                   "stain_shift.png")
 
 
 __all__ = ["BenchmarkConfig", "CellSkip", "benchmark_run", "cell_splits", "run_cells"]

@@ -106,13 +106,17 @@ RUN_FILES = ("config.yaml", "results.json", "results.md", "predictions.csv", "co
              "attention.png", "attention_learned-query.png", "stain_shift.png", "stain_shift_tiles.png")
 
 
-def archive_previous_run(out: Path, resolved: dict) -> Path | None:
+def archive_previous_run(out: Path, resolved: dict, files: tuple[str, ...] = RUN_FILES) -> Path | None:
     """Move a finished run in ``out`` made with other settings to ``out/replaced-<UTC time>/``.
 
     Re-running the same settings into the same folder simply rewrites it; a run with other
     settings (labels, encoder, heads, protocol, data) never overwrites finished results, and
     none of its files (e.g. an attention figure of a head this run does not train) is left
     beside the new ones.
+
+    Args:
+        files: the run's files: names or glob patterns (``forest_*.png``) inside ``out``
+            (default: a probe run's).
 
     Returns:
         The folder the previous run was moved to, or None (nothing finished there, or the
@@ -134,9 +138,10 @@ def archive_previous_run(out: Path, resolved: dict) -> Path | None:
         return None
     dest = out / f"replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     dest.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        if (out / name).is_file():
-            shutil.move(str(out / name), dest / name)
+    for pattern in files:
+        for f in sorted(out.glob(pattern)):
+            if f.is_file():
+                shutil.move(str(f), dest / f.name)
     return dest
 
 

@@ -31,7 +31,7 @@ from jwth.encoders import load_encoder
 from jwth.eval import report
 from jwth.eval.metrics import aggregate_by_patient, classification_metrics
 from jwth.eval.probe import make_splits, summarize
-from jwth.eval.run import RunConfig, load_table, positive_index, resolved_config
+from jwth.eval.run import RunConfig, archive_previous_run, load_table, positive_index, resolved_config
 from jwth.finetune.model import FinetuneModel, configure_trainable
 from jwth.finetune.train import FinetuneConfig, TileImages, evaluate, fit
 from jwth.progress import progress_bar
@@ -164,7 +164,6 @@ def finetune_run(cfg: FinetuneRunConfig, quiet: bool = False) -> dict:
     resolved["probe"]["train"] = {"seed": cfg.probe.train.seed}  # the head-probe training settings do not apply
     folds_dir = out / "folds"
     _check_resume(folds_dir, _fingerprint(resolved, tiles["path"].tolist()))
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     t_start = time.time()
     images = TileImages(table.root, tiles["path"].tolist(), base.input_size)
@@ -225,6 +224,11 @@ def finetune_run(cfg: FinetuneRunConfig, quiet: bool = False) -> dict:
         },
         "timing_seconds": {"total": round(time.time() - t_start, 2)},
     }
+    # the run's files are written now, at the end: an interrupted run leaves a finished one as it was
+    moved = archive_previous_run(out, resolved, FINETUNE_FILES)
+    if moved is not None and not quiet:
+        print(f"{out} held a finished run with other settings: its files were moved to {moved}")
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     report.write_json(out / "results.json", res)
     write_markdown(out / "results.md", res)
     report.write_predictions(out / "predictions.csv", tiles, classes, {head: oof}, test_mask)
@@ -235,6 +239,12 @@ def finetune_run(cfg: FinetuneRunConfig, quiet: bool = False) -> dict:
     if head == "attention" and np.isfinite(attn[tested]).any():
         report.plot_attention(out / "attention.png", table.root, tiles, attn, oof, classes, grid)
     return res
+
+
+#: the files ``jwth finetune`` writes into its run folder besides ``folds/`` (moved together when
+#: a finished run with other settings is replaced)
+FINETUNE_FILES = ("config.yaml", "results.json", "results.md", "predictions.csv", "confusion.png", "roc.png",
+                  "curves.png", "attention.png")
 
 
 def _savez(path: Path, arrays: dict) -> None:
