@@ -402,3 +402,18 @@ def test_compare_figure_only_for_comparable_shifts(tmp_path):
     ok, msg = plot_compared_shift(tmp_path / "z.png", {"A": a, "B": run("d", [], curve=False)})
     assert not ok and "B have no stain-shift curve" in msg
     assert plot_compared_shift(tmp_path / "w.png", {"A": run("e", [], curve=False)}) == (False, "")
+
+
+def test_compared_runs_are_named_by_registry_spec_or_run_folder_never_a_checkpoint_path(tmp_path):
+    from jwth.eval.stain_shift import run_label
+
+    ckpt = tmp_path / "home" / "runs" / "long" / "encoder"
+    ckpt.mkdir(parents=True)
+    assert run_label(tmp_path / "probe_pretrained", {"encoder": {"spec": str(ckpt)}}) == "probe_pretrained"
+    assert run_label(tmp_path / "probe_random", {"encoder": {"spec": "timm:vit_tiny_patch16_224"}}) == \
+        "timm:vit_tiny_patch16_224"
+    # a checkpoint path from another machine (absent here) is still a path, not a name
+    assert run_label(tmp_path / "r", {"encoder": {"spec": "/elsewhere/encoder"}}) == "r"
+    long = "hf-hub:" + "x" * 60
+    assert run_label(tmp_path / "r", {"encoder": {"spec": long}}).endswith("…")
+    assert len(run_label(tmp_path / "r", {"encoder": {"spec": long}})) == 40

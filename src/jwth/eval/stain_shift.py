@@ -509,8 +509,10 @@ def plot_shift_curves(path: Path, curves: dict[str, dict], chance: float | None 
     axes[2].set_ylabel("mean ||z' - z|| / mean inter-tile distance")
     axes[2].set_xlabel("stain shift strength")
     axes[2].grid(alpha=0.3)
+    top = np.nanmax([v for line in axes[2].get_lines() for v in line.get_ydata()] + [0.1])
+    axes[2].set_ylim(0, top * (1.35 if len(curves) > 1 else 1.1))  # room for the legend above the lines
     if len(curves) > 1:
-        axes[2].legend(fontsize=7)
+        axes[2].legend(fontsize=7, loc="upper left")
     first = next(iter(curves.values()))
     de = first.get("delta_e", {})
     ticks = list(first["strengths"])
@@ -518,11 +520,21 @@ def plot_shift_curves(path: Path, curves: dict[str, dict], chance: float | None 
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{s:g}\nΔE {de.get(strength_key(s), {}).get('mean', float('nan')):.0f}" for s in ticks])
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7, frameon=False)
     fig.suptitle(f"stain shift per {first['per']}: heads trained on unshifted tiles, test tiles shifted", fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if len(curves) > 1 else 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a long legend widens the image instead of being cut
     plt.close(fig)
+
+
+def run_label(run: str | Path, res: dict, width: int = 40) -> str:
+    """A short legend name for a probe run: its encoder spec when that is a registry name
+    (``timm:vit_small_patch16_224``), else the run folder's name (a checkpoint folder's path
+    says little and may be long), cut to ``width`` characters."""
+    spec = str((res.get("encoder") or {}).get("spec", "") or "")
+    local = not spec or Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~"))
+    name = Path(run).resolve().name if local else spec
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def plot_compared_shift(path: Path, runs: dict[str, Path]) -> tuple[bool, str]:
@@ -549,8 +561,7 @@ def plot_compared_shift(path: Path, runs: dict[str, Path]) -> tuple[bool, str]:
         if not res.get("stain_shift"):
             missing.append(label)
             continue
-        spec = (res.get("encoder") or {}).get("spec", "")
-        curves[f"{label} {spec}".strip()] = res["stain_shift"]
+        curves[f"{label}: {run_label(run, res)}"] = res["stain_shift"]
         chance = 1 / len(res["classes"]) if res.get("classes") else chance
     if not curves:
         return False, ""
@@ -604,6 +615,7 @@ __all__ = [
     "parse_strengths",
     "plot_compared_shift",
     "plot_shift_curves",
+    "run_label",
     "plot_shift_examples",
     "shift_config",
     "shift_table",
