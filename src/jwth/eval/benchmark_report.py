@@ -244,7 +244,8 @@ def plot_delta_heatmap(path: Path, res: dict, comparison: str = "attention-minus
     im = ax.imshow(np.ma.masked_invalid(D), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     for i in range(len(tasks)):
         for j in range(len(evals)):
-            ax.text(j, i, txt[i][j], ha="center", va="center", fontsize=7.5)
+            dark = np.isfinite(D[i, j]) and abs(D[i, j]) > 0.6 * lim  # deep red / blue: white text reads
+            ax.text(j, i, txt[i][j], ha="center", va="center", fontsize=7.5, color="white" if dark else "black")
     ax.set_xticks(range(len(evals)), evals, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     fig.colorbar(im, ax=ax, label=f"Δ balanced accuracy ({comparison})")
