@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 import jwth
 from jwth.eval.run import RunConfig
@@ -263,13 +262,10 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
 
     t_start = time.time()
     parse_heads(cfg.probe.heads)
-    from jwth.eval.stain_shift import check_shift_keys, check_shift_options, remove_stale_figures
+    from jwth.eval.run import check_run_options, write_run_config
+    from jwth.eval.stain_shift import check_shift_keys, remove_stale_figures
 
-    check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
-    cfg.probe.train.check()  # and on bad head-training options
-    from jwth.eval.run import check_extraction_options
-
-    check_extraction_options(cfg.batch_size, cfg.num_workers, cfg.precision, cfg.probe.n_boot)
+    check_run_options(cfg.probe, cfg.batch_size, cfg.num_workers, cfg.precision)  # fail fast, before any tile
     if cfg.level not in ("patient", "tile"):
         raise ValueError(f"--level {cfg.level!r}: choose patient or tile.")
     tf, table, tasks, cohorts = _prepare(cfg)
@@ -342,13 +338,7 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
         cache.close()
     timing["total"] = round(time.time() - t_start, 2)
     res["timing_seconds"] = timing
-    # every output is written now, at the end: an interrupted run leaves a finished one as it was
-    from jwth.eval.run import archive_previous_run
-
-    moved = archive_previous_run(out, resolved, BENCHMARK_FILES)
-    if moved is not None and not quiet:
-        print(f"{out} held a finished benchmark with other settings: its files were moved to {moved}")
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    write_run_config(out, resolved, BENCHMARK_FILES, quiet, kind="benchmark")  # every output now, at the end
     if not cfg.probe.stain_shift:
         remove_stale_figures(out)
     br.write_outputs(out, res)

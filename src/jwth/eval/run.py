@@ -145,6 +145,31 @@ def archive_previous_run(out: Path, resolved: dict, files: tuple[str, ...] = RUN
     return dest
 
 
+def write_run_config(out: Path, resolved: dict, files: tuple[str, ...] = RUN_FILES, quiet: bool = False,
+                     kind: str = "run") -> None:
+    """Write ``config.yaml`` of a finished run, first moving a finished run of other settings
+    aside (:func:`archive_previous_run`; said unless ``quiet``). Called only once a run's
+    results exist, so an interrupted run leaves the folder as it was."""
+    moved = archive_previous_run(out, resolved, files)
+    if moved is not None and not quiet:
+        print(f"{out} held a finished {kind} with other settings: its files were moved to {moved}")
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def check_run_options(probe, batch_size: int, num_workers: int, precision: str = "auto") -> None:
+    """Every option check of ``probe`` / ``benchmark`` that needs no tile: stain shift, head
+    training, extraction and bootstrap (``probe`` is a :class:`jwth.eval.probe.ProbeConfig`).
+
+    Raises:
+        ValueError: naming the option and what it accepts.
+    """
+    from jwth.eval.stain_shift import check_shift_options
+
+    check_shift_options(probe)
+    probe.train.check()
+    check_extraction_options(batch_size, num_workers, precision, probe.n_boot)
+
+
 def check_extraction_options(batch_size: int, num_workers: int, precision: str = "auto", n_boot: int = 1000) -> None:
     """Fail before any tile is read on extraction (and bootstrap) options no run can use.
 
@@ -180,11 +205,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
     """
     t_start = time.time()
     parse_heads(cfg.probe.heads)  # fail fast on unknown heads
-    from jwth.eval.stain_shift import check_shift_options
-
-    check_shift_options(cfg.probe)  # fail fast on bad --stain-shift options
-    cfg.probe.train.check()  # and on bad head-training options
-    check_extraction_options(cfg.batch_size, cfg.num_workers, cfg.precision, cfg.probe.n_boot)
+    check_run_options(cfg.probe, cfg.batch_size, cfg.num_workers, cfg.precision)  # fail fast, before any tile
     out = Path(cfg.out)
     table = load_table(cfg)
     if cfg.probe.stain_shift:
@@ -250,10 +271,7 @@ def probe_run(cfg: RunConfig, quiet: bool = False) -> dict:
         res["timing_seconds"]["extract"] = round(extract_s, 2)
         res["timing_seconds"]["wall"] = round(time.time() - t_start, 2)  # the run so far, as a user waits
         # all outputs are written now, at the end: an interrupted run leaves the folder as it was
-        moved = archive_previous_run(out, resolved)
-        if moved is not None and not quiet:
-            print(f"{out} held a finished run with other settings: its files were moved to {moved}")
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_run_config(out, resolved, quiet=quiet)
         report.write_json(out / "results.json", res)
         report.write_markdown(out / "results.md", res)
         y = tiles["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()

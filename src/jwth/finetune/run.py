@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from jwth.data.tiles import check_tiles
 from jwth.device import resolve_device
@@ -31,7 +30,7 @@ from jwth.encoders import load_encoder
 from jwth.eval import report
 from jwth.eval.metrics import aggregate_by_patient, classification_metrics
 from jwth.eval.probe import make_splits, summarize
-from jwth.eval.run import RunConfig, archive_previous_run, load_table, positive_index, resolved_config
+from jwth.eval.run import RunConfig, load_table, positive_index, resolved_config, write_run_config
 from jwth.finetune.model import FinetuneModel, configure_trainable
 from jwth.finetune.train import FinetuneConfig, TileImages, evaluate, fit
 from jwth.progress import progress_bar
@@ -224,11 +223,7 @@ def finetune_run(cfg: FinetuneRunConfig, quiet: bool = False) -> dict:
         },
         "timing_seconds": {"total": round(time.time() - t_start, 2)},
     }
-    # the run's files are written now, at the end: an interrupted run leaves a finished one as it was
-    moved = archive_previous_run(out, resolved, FINETUNE_FILES)
-    if moved is not None and not quiet:
-        print(f"{out} held a finished run with other settings: its files were moved to {moved}")
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_run_config(out, resolved, FINETUNE_FILES, quiet)  # the run's files now, at the end
     report.write_json(out / "results.json", res)
     write_markdown(out / "results.md", res)
     report.write_predictions(out / "predictions.csv", tiles, classes, {head: oof}, test_mask)
