@@ -88,6 +88,7 @@ def test_impossible_split_fails_before_any_extraction(synth, tmp_path):
     r = runner.invoke(app, ["probe", "--data", str(synth), "--encoder", TINY, "--out", str(tmp_path / "o"),
                             "--folds", "5", "--num-workers", "0"])
     assert r.exit_code == 2 and "Too few patients per class" in r.output and "'A': 3" in r.output
+    assert "labels.csv:" in r.output  # the label file the classes came from
     assert not (tmp_path / "o" / "cache").exists()
 
 

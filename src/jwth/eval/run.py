@@ -76,8 +76,12 @@ def load_table(cfg: RunConfig) -> TileTable:
         cfg.site_col, cfg.classes,
         check_files=not cfg.skip_bad_tiles,  # with --skip-bad-tiles a missing file is skipped and recorded
     )
-    # an impossible split fails here, before any token is computed
-    make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe, table.classes)
+    # an impossible split fails here, before any token is computed, naming the label file it came from
+    try:
+        make_splits(table.y, table.df["patient_id"].to_numpy(), table.df["site"].to_numpy(), cfg.probe,
+                    table.classes)
+    except ValueError as e:
+        raise ValueError(f"{table.label_file}: {e}") from None
     return table
 
 
