@@ -4,7 +4,9 @@
    student forward on all crops, DINO + iBOT + KoLeo, backward, AdamW, EMA, with the
    data pipeline in the loop) against a bare timm training step of the same backbone on
    the same crops (forward of the global + local crops, mean-of-class-token loss,
-   backward, AdamW). Also the data pipeline alone (decode + multi-crop + stain).
+   backward, AdamW), both at the same precision (``train.precision``; ``auto`` picks
+   bf16 autocast where this CPU runs it faster, so pass ``train.precision=fp32`` for an
+   fp32 comparison). Also the data pipeline alone (decode + multi-crop + stain).
 2. Stain augmentation per tile vs JPEG decoding of the same tile.
 3. With ``--phases``: the SSL step's wall time per phase (data, teacher, student
    backbone, heads, losses, backward, gradient clipping, optimizer, EMA, bookkeeping;
@@ -14,8 +16,8 @@ Usage:
     python benchmarks/bench_pretrain.py [--data DIR] [--steps 6] [--phases] [--out results.json]
         [key=value ...]   # pretraining config overrides (default: ViT-Ti/16, 96/48 px crops)
 
-DINOv2's configuration (issue: SSL / bare <= 1.6 at 65,536 prototypes):
-    python benchmarks/bench_pretrain.py --phases model.arch=vit_small_patch16_224 \
+DINOv2's configuration in fp32 (issue: SSL / bare <= 1.6 at 65,536 prototypes):
+    python benchmarks/bench_pretrain.py --phases train.precision=fp32 model.arch=vit_small_patch16_224 \
         crops.global_crops_size=224 crops.local_crops_size=96 crops.local_crops_number=8 \
         dino.head_n_prototypes=65536 ibot.head_n_prototypes=65536
 """
@@ -58,6 +60,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from jwth.augment import StainAugmentConfig, stain_augment
+    from jwth.device import autocast, resolve_precision
     from jwth.ssl.config import load_config
     from jwth.ssl.data import SSLTileDataset, StepBatchSampler, list_images, load_uint8
     from jwth.ssl.model import build_network
@@ -69,7 +72,9 @@ def main() -> None:
     bs = int(load_config(overrides=ov)["optim"]["batch_size"])
     ov += [f"data.max_tiles={bs * (a.steps + 1)}", "optim.epochs=1"]
     cfg = load_config(overrides=ov)
-    res: dict = {"config_overrides": ov, "torch_threads": torch.get_num_threads(), "device": "cpu"}
+    precision = cfg["train"].get("precision", "auto")
+    res: dict = {"config_overrides": ov, "torch_threads": torch.get_num_threads(), "device": "cpu",
+                 "precision": str(resolve_precision(torch.device("cpu"), precision)).replace("torch.", "")}
 
     # 1a. full SSL training steps (first step = warm-up, excluded)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +108,8 @@ def main() -> None:
     times = []
     for i in range(a.steps + 1):
         t0 = time.perf_counter()
-        loss = bb.forward_features(xg)[:, 0].mean() + bb.forward_features(xl)[:, 0].mean()
+        with autocast("cpu", precision):  # the SSL step's precision: like for like
+            loss = bb.forward_features(xg)[:, 0].mean() + bb.forward_features(xl)[:, 0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jwth.loss._dist import all_reduce_max, all_reduce_sum, world_size
+from jwth.loss._soft_ce import soft_cross_entropy, softmax_rows_
 
 
 @torch.no_grad()
@@ -107,9 +107,9 @@ class PrototypeDistillation(nn.Module):
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_scores, teacher_temp, self.sk_iterations)
         g = teacher_scores.float()
-        if self.centering == "centering":
-            g = g - self.center
-        return F.softmax(g / teacher_temp, dim=-1)
+        # one new (B, K) tensor, then softmax in place block by block (see jwth.loss._soft_ce)
+        x = g - self.center if self.centering == "centering" else g.clone()
+        return softmax_rows_(x.mul_(1.0 / teacher_temp))
 
 
 class DINOLoss(PrototypeDistillation):
@@ -176,8 +176,7 @@ class DINOLoss(PrototypeDistillation):
             if n == 0:
                 continue
             target = p_sum - teacher_probs[s_idx].float() if own else p_sum
-            log_p_s = F.log_softmax(g_s.float() / self.student_temp, dim=-1)
-            total = total - (target * log_p_s).sum(dim=-1).mean()
+            total = total + soft_cross_entropy(g_s, target, self.student_temp).mean()
             n_pairs += n
         if n_pairs == 0:
             raise ValueError("DINOLoss needs at least one (teacher, student) pair of different views")

@@ -15,9 +15,9 @@ per-image mean and does not depend on how a global batch is split across process
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from jwth.loss._dist import all_reduce_sum
+from jwth.loss._soft_ce import soft_cross_entropy
 from jwth.loss.dino import PrototypeDistillation
 
 
@@ -70,5 +70,5 @@ class IBOTPatchLoss(PrototypeDistillation):
             return student_scores.float().sum() * 0.0
         per_image = masks.sum(dim=1).clamp_min(1).float()  # (B,)
         weight = (1.0 / per_image)[:, None].expand_as(masks)[masks]  # (M,)
-        ce = -(teacher_probs * F.log_softmax(student_scores.float() / self.student_temp, dim=-1)).sum(-1)
+        ce = soft_cross_entropy(student_scores, teacher_probs, self.student_temp)  # (M,)
         return (ce * weight).sum() / b
