@@ -39,6 +39,7 @@ DEFAULT = [
     "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096",
     "optim.batch_size=16", "train.num_workers=0", "train.progress=false", "train.tensorboard=false",
     "train.checkpoint_every=1000000", "train.device=cpu",
+    "optim.freeze_last_layer_epochs=0",  # steady state: the prototype layer trains (it is frozen in epoch 1 only)
 ]  # fmt: skip
 
 

@@ -317,7 +317,8 @@ def main() -> None:
     print(f"| jwth probe | extraction (tokens to the cache) | {j['extract']:.1f} |")
     print(f"| jwth probe | heads (5 folds, linear + attention), {a.n_boot:,} bootstraps, baselines "
           f"| {j['heads']:.1f} |")
-    print(f"| jwth probe | load, checks, report files | {j_rest:.1f} |")
+    print("| jwth probe | the rest: encoder and table load, colour-baseline features, report files and figures "
+          f"| {j_rest:.1f} |")
     print(f"| jwth probe | **total** (peak RSS {j['peak_rss_mib']:.0f} MiB) | **{j['wall']:.1f}** |")
     print(f"| eva | setup (trainer, backbone, data) | {e['setup']:.1f} |")
     print(f"| eva | embed (`predict`, embeddings writer) | {e['embed']:.1f} |")

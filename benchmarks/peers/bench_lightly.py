@@ -1,11 +1,14 @@
 """jwth's DINOv2 pretraining step against lightly's DINOv2 building blocks, timed in one run.
 
     pip install lightly          # optional: without it the script says so and exits 2
-    python benchmarks/peers/bench_lightly.py [--steps 6] [--prototypes 65536,4096] [--data DIR]
+    python benchmarks/peers/bench_lightly.py [--steps 6] [--prototypes 65536,4096] [--jwth-precision fp32] [--data DIR]
 
-Same model, crops, batch and precision on both sides: timm ViT-S/16 (random init, no
-stochastic depth), 2 x 224 px global + 8 x 96 px local crops, batch 16, one projection
-head of K prototypes shared by DINO and iBOT, KoLeo on the class tokens, fp32.
+Same model, crops and batch on both sides: timm ViT-S/16 (random init, no stochastic
+depth), 2 x 224 px global + 8 x 96 px local crops, batch 16, one projection head of K
+prototypes shared by DINO and iBOT, KoLeo on the class tokens, the prototype layer trained
+from the first step on both sides. Precision: fp32 on both sides by default;
+``--jwth-precision auto`` times jwth at its default (bf16 autocast where this CPU runs it
+faster) against lightly's example as written (fp32).
 
 1. jwth: ``jwth.ssl.train.train`` (the command ``jwth pretrain`` runs), its data
    pipeline (decode, multi-crop, stain augmentation) in the loop with 0 workers.
@@ -35,15 +38,16 @@ DINOV2 = [
     "model.arch=vit_small_patch16_224", "model.drop_path_rate=0.0",
     "crops.global_crops_size=224", "crops.local_crops_size=96", "crops.local_crops_number=8",
     "optim.batch_size=16", "train.num_workers=0", "train.progress=false", "train.tensorboard=false",
-    "train.checkpoint_every=1000000", "train.device=cpu", "train.precision=fp32",
+    "train.checkpoint_every=1000000", "train.device=cpu",
+    "optim.freeze_last_layer_epochs=0",  # as lightly's example: the prototype layer trains from step 1
 ]  # fmt: skip
 
 
-def _jwth_tiles_per_s(data: Path, k: int, steps: int) -> tuple[float, dict]:
+def _jwth_tiles_per_s(data: Path, k: int, steps: int, precision: str) -> tuple[float, dict]:
     from jwth.ssl.config import load_config
     from jwth.ssl.train import train
 
-    ov = DINOV2 + [f"dino.head_n_prototypes={k}", f"ibot.head_n_prototypes={k}",
+    ov = DINOV2 + [f"train.precision={precision}", f"dino.head_n_prototypes={k}", f"ibot.head_n_prototypes={k}",
                    f"data.max_tiles={16 * (steps + 1)}", "optim.epochs=1"]
     cfg = load_config(overrides=ov)
     cfg["optim"]["steps_per_epoch"] = steps + 1
@@ -129,6 +133,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="tile folder (default: tcga_crc_msi under the data root)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prototypes", default="65536,4096")
+    ap.add_argument("--jwth-precision", default="fp32", choices=["fp32", "auto", "bf16"],
+                    help="jwth's precision (fp32: like for like; auto: jwth's default, bf16 autocast where "
+                         "this CPU runs it faster); lightly's example always runs fp32")
     a = ap.parse_args()
     try:
         import lightly
@@ -141,12 +148,16 @@ def main() -> None:
         from jwth.settings import data_root
 
         data = data_root() / "tcga_crc_msi"
-    print(f"lightly {lightly.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; "
+    from jwth.device import resolve_precision
+
+    jp = str(resolve_precision(torch.device("cpu"), a.jwth_precision)).replace("torch.", "")
+    print(f"lightly {lightly.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"jwth {jp} (train.precision={a.jwth_precision}), lightly float32; "
           f"ViT-S/16, 2 x 224 + 8 x 96 px crops, batch 16, {a.steps} timed steps each")
     print("| prototypes (shared DINO / iBOT head) | jwth tiles/s | lightly tiles/s | jwth / lightly | target |")
     print("| --- | --- | --- | --- | --- |")
     for k in (int(x) for x in a.prototypes.split(",")):
-        j, cfg = _jwth_tiles_per_s(data, k, a.steps)
+        j, cfg = _jwth_tiles_per_s(data, k, a.steps, a.jwth_precision)
         lt = _lightly_tiles_per_s(cfg, data, k, a.steps)
         print(f"| {k:,} | {j:.2f} | {lt:.2f} | {j / lt:.2f} | {'>= 1.1' if k == 65536 else '—'} |", flush=True)
 

@@ -91,6 +91,34 @@ def test_dino_head_shapes_and_fixed_norm():
     assert not g.requires_grad and torch.all(g == 1)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_head_scores_match_one_head_call_per_input_and_their_gradients(separate):
+    """SSLNetwork.head_scores (one normalised prototype matrix for both calls) gives the values
+    and the gradients of calling the heads one input at a time."""
+    from jwth.ssl.model import SSLNetwork
+
+    torch.manual_seed(0)
+    dino = DINOHead(12, out_dim=20, hidden_dim=16, bottleneck_dim=8)
+    ibot = DINOHead(12, out_dim=24, hidden_dim=16, bottleneck_dim=8) if separate else None
+    backbone = torch.nn.Linear(12, 12)
+    backbone.num_features = 12
+    net = SSLNetwork(backbone, dino, ibot)
+    cls, patches = torch.randn(3, 12), torch.randn(7, 12)
+    w_c, w_p = torch.randn(3, 20), torch.randn(7, 24 if separate else 20)
+    a, b = net.head_scores(cls, patches)
+    ((a * w_c).sum() + (b * w_p).sum()).backward()
+    got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    a2, b2 = net.dino_head(cls), net.patch_head(patches)
+    ((a2 * w_c).sum() + (b2 * w_p).sum()).backward()
+    torch.testing.assert_close(a, a2)
+    torch.testing.assert_close(b, b2)
+    want = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(want) and any("last_layer" in n for n in got)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, msg=n)
+
+
 def test_schedules():
     s = cosine_schedule(1.0, 0.0, 10, warmup=2)
     assert len(s) == 10 and s[0] == 0.0 and s[2] == pytest.approx(1.0) and s[-1] < 0.05

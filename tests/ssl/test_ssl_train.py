@@ -60,6 +60,26 @@ def test_resume_gives_the_same_trajectory(synthetic_tiles, tiny_overrides, tmp_p
     assert tok.patches.shape == (2, 4, 192) and enc.mpp == 0.5
 
 
+def test_prototype_layer_frozen_for_its_epochs_then_trained(synthetic_tiles, tiny_overrides, tmp_path):
+    """freeze_last_layer_epochs=1: the prototype layer keeps its weights through epoch 1 while
+    the backbone moves, and trains in epoch 2 (DINO's freeze of the last layer)."""
+    ov = tiny_overrides + ["optim.epochs=2", "optim.freeze_last_layer_epochs=1", "train.checkpoint_every=100"]
+    train(load_config(overrides=ov + ["train.max_steps=1"]), synthetic_tiles, tmp_path / "a")
+    r = train(load_config(overrides=ov + ["train.max_steps=4"]), synthetic_tiles, tmp_path / "b")
+    assert r.steps_done == 4  # 16 tiles / batch 4: epoch 1 is steps 0-3
+    t1, _ = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    t4, _ = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    last = [k for k in t1 if k.startswith("student/") and ".last_layer." in k and k.endswith("original1")]
+    assert last, sorted(t1)[:20]
+    for k in last:
+        assert torch.equal(t1[k], t4[k]), k
+    moved = [k for k in t1 if k.startswith("student/") and "blocks.0.attn.qkv.weight" in k]
+    assert moved and not torch.equal(t1[moved[0]], t4[moved[0]])
+    train(load_config(overrides=ov), synthetic_tiles, tmp_path / "b")  # resume through epoch 2
+    t8, _ = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    assert all(not torch.equal(t4[k], t8[k]) for k in last)
+
+
 def test_torchrun_two_processes_match_one(synthetic_tiles, tiny_overrides, tmp_path):
     """Same global batch (4) on 1 process and on 2 gloo processes (2 each).
 

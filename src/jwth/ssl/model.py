@@ -104,6 +104,24 @@ class SSLNetwork(nn.Module):
     def patch_head(self) -> DINOHead:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
+    def head_scores(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototype scores of class tokens (DINO head) and masked patch tokens (iBOT head).
+
+        Two head calls, not one on the concatenation: slicing a (rows x K) output would make
+        backward build and add two zero-filled gradients of its full size. With a shared head
+        the weight-normalised prototype matrix (K x bottleneck) is computed once for both
+        (``torch.nn.utils.parametrize.cached``), in forward and in backward.
+
+        Args:
+            cls: class tokens, shape (B_cls, D).
+            patches: patch tokens, shape (M, D).
+
+        Returns:
+            Scores (B_cls, K_dino) and (M, K_ibot).
+        """
+        with nn.utils.parametrize.cached():
+            return self.dino_head(cls), self.patch_head(patches)
+
     def make_teacher(self) -> "SSLNetwork":
         """A frozen copy without stochastic depth (drop path disabled by eval mode)."""
         t = copy.deepcopy(self)

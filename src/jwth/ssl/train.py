@@ -200,6 +200,9 @@ def train(
     opt = adamw(groups, lr=0.0, betas=(cfg["optim"]["adamw_beta1"], cfg["optim"]["adamw_beta2"]))
     t_params, s_params = student.ema_pairs(teacher)
     train_params = [p for p in student.parameters() if p.requires_grad]
+    # the prototype layers: while frozen (first freeze_last_layer_epochs) they are left out
+    # of the graph, so backward skips their (K x bottleneck) weight gradient
+    last_params = [p for n, p in student.named_parameters() if p.requires_grad and ".last_layer." in f".{n}"]
 
     start = 0
     ckpt = out / CHECKPOINT_NAME
@@ -346,6 +349,8 @@ def train(
                     g["lr"] = float(sched["lr"][step]) * g["lr_mult"] * (float(sched["last_layer"][step]) if g["is_last_layer"] else 1.0)
                     g["weight_decay"] = float(sched["wd"][step]) * g["wd_mult"]
                 tau_t = float(sched["teacher_temp"][step])
+                for p in last_params:
+                    p.requires_grad_(bool(sched["last_layer"][step]))
                 torch.manual_seed(sample_seed(seed, step * di.world_size + di.rank, salt=2))  # drop path
                 gmask = torch.Generator().manual_seed(sample_seed(seed, step, salt=3))
                 masks = sample_masks(
@@ -358,8 +363,7 @@ def train(
                 with autocast(di.device, tc.get("precision", "auto")):
                     with torch.no_grad(), timer.phase("teacher"):
                         t_out = backbone_forward(teacher.backbone, xg)
-                        t_cls_scores = teacher.dino_head(t_out.cls)
-                        t_patch_scores = teacher.patch_head(t_out.patches[masks])
+                        t_cls_scores, t_patch_scores = teacher.head_scores(t_out.cls, t_out.patches[masks])
                         p_dino = dino_loss.teacher_probs(t_cls_scores, tau_t)
                         p_ibot = ibot_loss.teacher_probs(t_patch_scores, tau_t)
                         dino_loss.update_center(t_cls_scores)
@@ -370,11 +374,7 @@ def train(
                         cls_all = s_g.cls if n_l == 0 else torch.cat([s_g.cls, backbone_forward(student.backbone, xl).cls])
                         s_masked = s_g.patches[masks]
                     with timer.phase("heads"):
-                        if student.ibot_head is None:
-                            sc = student.dino_head(torch.cat([cls_all, s_masked]))
-                            s_cls_scores, s_patch_scores = sc[: cls_all.shape[0]], sc[cls_all.shape[0] :]
-                        else:
-                            s_cls_scores, s_patch_scores = student.dino_head(cls_all), student.ibot_head(s_masked)
+                        s_cls_scores, s_patch_scores = student.head_scores(cls_all, s_masked)
                     with timer.phase("losses"):
                         l_dino = dino_loss(list(s_cls_scores.chunk(n_g + n_l)), list(p_dino.chunk(n_g)), n_global=n_g)
                         l_ibot = ibot_loss(s_patch_scores, p_ibot, masks)
@@ -494,6 +494,8 @@ def train(
                 log.warning("stopped during step %d/%d (%s); checkpoint of step %d written, run the same "
                             "command to resume", completed + 1, total, stopped_by, completed)  # fmt: skip
 
+    for p in last_params:  # the returned network as built: every trainable parameter trainable
+        p.requires_grad_(True)
     done = completed
     if timer.enabled and di.is_main:
         (out / "profile.json").write_text(json.dumps(timer.summary(), indent=2))
