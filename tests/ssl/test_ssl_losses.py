@@ -201,6 +201,25 @@ def test_soft_cross_entropy_value_and_gradient_match_the_formula(m, k):
     np.testing.assert_allclose(xf.grad.numpy(), x.grad.numpy(), rtol=1e-4, atol=1e-6 * float(x.grad.abs().max()))
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, 100])
+def test_soft_cross_entropy_and_softmax_do_not_depend_on_the_block_size(block_rows, monkeypatch):
+    """Blocks of 1 row, blocks that do not divide M, one block for all rows: the same values."""
+    from jwth.loss import _soft_ce
+
+    g = torch.Generator().manual_seed(block_rows)
+    x = torch.randn(7, 13, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(7, 13, generator=g, dtype=torch.float64), -1)
+    monkeypatch.setitem(_soft_ce._BLOCK_ELEMENTS, "cpu", 13 * block_rows)
+    xf = x.float().requires_grad_(True)
+    _soft_ce.soft_cross_entropy(xf, t.float(), 0.07).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref = _ce_autograd_reference(xr, t, 0.07)
+    ref.sum().backward()
+    torch.testing.assert_close(_soft_ce.soft_cross_entropy(x.float(), t.float(), 0.07), ref.float())
+    torch.testing.assert_close(xf.grad, xr.grad.float())
+    torch.testing.assert_close(_soft_ce.softmax_rows_(x.float().clone()), torch.softmax(x, -1).float())
+
+
 def test_soft_cross_entropy_bad_input_and_empty_rows():
     from jwth.loss._soft_ce import soft_cross_entropy
 
