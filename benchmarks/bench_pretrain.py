@@ -61,7 +61,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from jwth.augment import StainAugmentConfig, stain_augment
-    from jwth.device import autocast, resolve_precision
+    from jwth.device import autocast, dtype_name, resolve_precision
     from jwth.ssl.config import load_config
     from jwth.ssl.data import SSLTileDataset, StepBatchSampler, list_images, load_uint8
     from jwth.ssl.model import build_network
@@ -75,7 +75,7 @@ def main() -> None:
     cfg = load_config(overrides=ov)
     precision = cfg["train"].get("precision", "auto")
     res: dict = {"config_overrides": ov, "torch_threads": torch.get_num_threads(), "device": "cpu",
-                 "precision": str(resolve_precision(torch.device("cpu"), precision)).replace("torch.", "")}
+                 "precision": dtype_name(resolve_precision(torch.device("cpu"), precision))}
 
     # 1a. full SSL training steps (first step = warm-up, excluded)
     with tempfile.TemporaryDirectory() as tmp:

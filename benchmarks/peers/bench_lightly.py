@@ -148,9 +148,9 @@ def main() -> None:
         from jwth.settings import data_root
 
         data = data_root() / "tcga_crc_msi"
-    from jwth.device import resolve_precision
+    from jwth.device import dtype_name, resolve_precision
 
-    jp = str(resolve_precision(torch.device("cpu"), a.jwth_precision)).replace("torch.", "")
+    jp = dtype_name(resolve_precision(torch.device("cpu"), a.jwth_precision))
     print(f"lightly {lightly.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"jwth {jp} (train.precision={a.jwth_precision}), lightly float32; "
           f"ViT-S/16, 2 x 224 + 8 x 96 px crops, batch 16, {a.steps} timed steps each")

@@ -94,6 +94,11 @@ def resolve_precision(device: torch.device, precision: Precision = "auto") -> to
     return torch.bfloat16 if cpu_bf16_speedup() >= 1.2 else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name written into configs and reports."""
+    return str(dtype).removeprefix("torch.")
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device | str, precision: Precision = "auto") -> Iterator[torch.dtype]:
     """Autocast context for inference/training; yields the dtype in use."""

@@ -209,7 +209,7 @@ def test_soft_cross_entropy_and_softmax_do_not_depend_on_the_block_size(block_ro
     g = torch.Generator().manual_seed(block_rows)
     x = torch.randn(7, 13, generator=g, dtype=torch.float64)
     t = torch.softmax(torch.randn(7, 13, generator=g, dtype=torch.float64), -1)
-    monkeypatch.setitem(_soft_ce._BLOCK_ELEMENTS, "cpu", 13 * block_rows)
+    monkeypatch.setattr(_soft_ce, "CPU_BLOCK_ELEMENTS", 13 * block_rows)
     xf = x.float().requires_grad_(True)
     _soft_ce.soft_cross_entropy(xf, t.float(), 0.07).sum().backward()
     xr = x.clone().requires_grad_(True)

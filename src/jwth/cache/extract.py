@@ -11,7 +11,7 @@ import torch
 
 from jwth.cache.tokens import TokenCache, manifest_for
 from jwth.data.tiles import TileDataset, TileTable, check_tiles
-from jwth.device import autocast, resolve_precision
+from jwth.device import autocast, dtype_name, resolve_precision
 from jwth.encoders import Encoder
 from jwth.progress import progress_bar
 
@@ -90,7 +90,7 @@ def extract_tokens(
             "dataset": str(table.root.name),
             "classes": table.classes,
             "encoder": encoder.describe(),
-            "autocast": str(dtype).replace("torch.", ""),
+            "autocast": dtype_name(dtype),
             "tile_checks": report,
         },
     )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from jwth.device import dtype_name
 from jwth.encoders.base import Encoder, Tokens
 from jwth.encoders.registry import REGISTRY, RegistryEntry, timm_kwargs
 
@@ -365,7 +366,7 @@ def save_encoder_checkpoint(
             "interpolation": "bicubic",
             "crop_pct": 1.0,
         },
-        "jwth": {"mpp": mpp, "dtype": str(dtype).replace("torch.", ""), **(extra or {})},
+        "jwth": {"mpp": mpp, "dtype": dtype_name(dtype), **(extra or {})},
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

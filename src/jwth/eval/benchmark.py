@@ -254,7 +254,7 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
             before any token is computed.
     """
     from jwth.cache.extract import extract_tokens
-    from jwth.device import resolve_device, resolve_precision
+    from jwth.device import dtype_name, resolve_device, resolve_precision
     from jwth.encoders import load_encoder
     from jwth.eval import benchmark_report as br
     from jwth.eval.baselines import colour_features
@@ -285,7 +285,7 @@ def benchmark_run(cfg: BenchmarkConfig, quiet: bool = False) -> dict:
     resolved = {
         "jwth_version": jwth.__version__, "torch_version": str(torch.__version__), "platform": platform.platform(),
         **asdict(cfg), "task_file": str(tf.path), "device": str(device),
-        "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
+        "autocast": dtype_name(resolve_precision(device, cfg.precision)),
         "cache": str(cache_dir), "encoder_info": encoder.describe(),
     }
     try:

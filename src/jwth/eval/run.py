@@ -15,7 +15,7 @@ import jwth
 from jwth.cache.extract import extract_tokens
 from jwth.data.labels import describe_classes
 from jwth.data.tiles import TileTable, read_labels
-from jwth.device import resolve_device, resolve_precision
+from jwth.device import dtype_name, resolve_device, resolve_precision
 from jwth.encoders import load_encoder
 from jwth.eval import report
 from jwth.eval.baselines import colour_features
@@ -97,7 +97,7 @@ def resolved_config(cfg, device: torch.device, encoder, table: TileTable) -> dic
         "site_col": table.notes.get("site_col"),
         "classes": table.classes,
         "device": str(device),
-        "autocast": str(resolve_precision(device, cfg.precision)).replace("torch.", ""),
+        "autocast": dtype_name(resolve_precision(device, cfg.precision)),
         "encoder_info": encoder.describe(),
         "data_notes": table.notes,
     }

@@ -25,13 +25,13 @@ import torch
 
 # elements per block of rows. CPU: 16 x 65,536 float32 = 4 MiB, within an L2/L3 cache.
 # Accelerators stream from HBM and pay per kernel launch instead: a few large blocks.
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_BLOCK_ELEMENTS_OTHER = 1 << 26
+CPU_BLOCK_ELEMENTS = 1 << 20
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
 
 
 def _row_block(x: torch.Tensor) -> int:
-    k = max(1, x.shape[-1])
-    return max(1, _BLOCK_ELEMENTS.get(x.device.type, _BLOCK_ELEMENTS_OTHER) // k)
+    elements = CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else ACCELERATOR_BLOCK_ELEMENTS
+    return max(1, elements // max(1, x.shape[-1]))
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -41,15 +41,14 @@ class _SoftCrossEntropy(torch.autograd.Function):
         t = targets.float()
         m, k = x.shape
         inv = 1.0 / temperature
-        lse = x.new_empty(m)
-        tsum = t.sum(dim=-1)
-        dot = x.new_empty(m)
+        lse, tsum, dot = x.new_empty(m), x.new_empty(m), x.new_empty(m)
         step = _row_block(x)
         buf = x.new_empty(min(step, m), k)
         for a in range(0, m, step):
             b = min(m, a + step)
             xb = torch.mul(x[a:b], inv, out=buf[: b - a])
             torch.logsumexp(xb, dim=-1, out=lse[a:b])
+            torch.sum(t[a:b], dim=-1, out=tsum[a:b])  # while the block of t is in cache
             dot[a:b] = torch.linalg.vecdot(xb, t[a:b])
         ctx.save_for_backward(x, t, lse, tsum)
         ctx.inv = inv

@@ -223,10 +223,10 @@ def train(
             log.info("resuming %s at step %d/%d", out, start, total)
     if di.is_main:
         save_config(cfg, out / "config.yaml")
-        from jwth.device import resolve_precision
+        from jwth.device import dtype_name, resolve_precision
 
         log.info("device %s, autocast %s (train.precision=%s)", di.device,
-                 str(resolve_precision(di.device, tc.get("precision", "auto"))).replace("torch.", ""),
+                 dtype_name(resolve_precision(di.device, tc.get("precision", "auto"))),
                  tc.get("precision", "auto"))  # fmt: skip
 
     # data
@@ -394,10 +394,9 @@ def train(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     all_reduce_grads(train_params, di.world_size)
-                if sched["last_layer"][step] == 0:
-                    for n, p in student.named_parameters():
-                        if ".last_layer." in f".{n}":
-                            p.grad = None
+                if sched["last_layer"][step] == 0:  # all_reduce_grads zero-fills missing gradients
+                    for p in last_params:
+                        p.grad = None
                 clip = cfg["optim"].get("clip_grad")
                 with timer.phase("grad_clip"):
                     if clip:
