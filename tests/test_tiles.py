@@ -58,7 +58,11 @@ def test_label_file_errors(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         read_labels(tmp_path)
     (tmp_path / "labels.csv").write_text("file,label\na.png,x\n")
-    with pytest.raises(ValueError, match="no column 'path'"):
+    with pytest.raises(ValueError, match="no column 'path'") as e:
+        read_labels(tmp_path)
+    assert "Did you mean" not in str(e.value)  # 'file' is not close to 'path'
+    (tmp_path / "labels.csv").write_text("path,lable\na.png,x\n")
+    with pytest.raises(ValueError, match="no column 'label'.*Did you mean 'lable'"):
         read_labels(tmp_path)
     _labels(tmp_path, [("a.png", "x", "1"), ("b.png", "x", "2")])
     with pytest.raises(ValueError, match="only one class"):

@@ -148,6 +148,7 @@ def test_config_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["optim.batchsize=3"])
     assert "optim.batch_size" in str(e.value) and "crops.local_crops_number" in str(e.value)
+    assert "Did you mean 'optim.batch_size'" in str(e.value)
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  batch_size: 8\nfoo: 1\n")
     with pytest.raises(ConfigError, match="foo"):

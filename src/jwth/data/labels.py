@@ -19,6 +19,7 @@ same error wherever it is used:
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Sequence
@@ -62,7 +63,11 @@ def read_table(path: str | Path, required: Sequence[str] = (), hint: str = "") -
             sep = next((c for c in ";\t|" if len(df.columns) == 1 and c in df.columns[0]), None)
             sep_name = "tab" if sep == "\t" else repr(sep)
             sep_hint = f" The header looks {sep_name}-separated: write it comma-separated." if sep else ""
-            raise ValueError(f"{path} has no column {col!r} (columns: {list(df.columns)}).{sep_hint} {hint}".strip())
+            close = difflib.get_close_matches(col, list(df.columns), n=1, cutoff=0.6)
+            guess = f" Did you mean {close[0]!r}?" if close and not sep else ""
+            raise ValueError(
+                f"{path} has no column {col!r} (columns: {list(df.columns)}).{guess}{sep_hint} {hint}".strip()
+            )
     if len(df) == 0:
         raise ValueError(f"{path} has a header but no rows: list one item per row.")
     return df.apply(lambda s: s.str.strip())

@@ -367,7 +367,7 @@ def check_tiles(
         raise TileError(
             f"{len(bad)} tiles in {table.label_file} cannot be used:\n  {listing}\n"
             "Fix or remove them, or pass --skip-bad-tiles to leave them out (they are then "
-            "listed in the run's manifest)."
+            "listed in results.json under tile_checks.skipped)."
         )
     off = {f"{w}x{h}": n for (w, h), n in sizes.items() if (w, h) != (input_size, input_size)}
     report = {

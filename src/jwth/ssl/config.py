@@ -48,7 +48,12 @@ def flat_keys(cfg: dict, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, base: dict) -> ConfigError:
-    return ConfigError(f"Unknown config key {key!r}. Valid keys: {', '.join(flat_keys(base))}")
+    import difflib
+
+    keys = flat_keys(base)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    guess = f" Did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+    return ConfigError(f"Unknown config key {key!r}.{guess} Valid keys: {', '.join(keys)}")
 
 
 def merge(base: dict, update: dict, prefix: str = "", root: dict | None = None) -> dict:
